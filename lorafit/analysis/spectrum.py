@@ -1,0 +1,166 @@
+"""The spectrum of every LoRA update ΔW = s·B·A, computed exactly without forming ΔW.
+
+With B (d×r) and A (r×k): QR(B) = Q_b R_b and QR(Aᵀ) = Q_a R_a give ΔW = Q_b (s R_b R_aᵀ) Q_aᵀ, so the
+singular values of ΔW are those of the r×r core s·R_b·R_aᵀ, and its singular vectors are Q_b·U and Q_a·V.
+Cost O((d+k)r²) instead of O(dk·min(d,k)); done in float64, so exact to float64 rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorafit.config import UserError
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS, PICKLE_WEIGHTS = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
+
+
+def lowrank_svd(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0, vectors: bool = False):
+    """Singular values (descending) of scale·B·A, and with `vectors` also (U, V) with scale·B·A = U diag(S) Vᵀ."""
+    Qb, Rb = torch.linalg.qr(B.detach().double())
+    Qa, Ra = torch.linalg.qr(A.detach().double().T)
+    U, S, Vh = torch.linalg.svd(scale * (Rb @ Ra.T))
+    return (S, Qb @ U, Qa @ Vh.T) if vectors else S
+
+
+# --- rank metrics of a spectrum (all from the singular values: Eckart–Young) -------------------------------------
+
+def energy_rank(sigma: torch.Tensor, threshold: float) -> int:
+    """Smallest k whose top-k energy Σσᵢ² reaches `threshold` of the total (0 for a zero update)."""
+    energy = sigma.double() ** 2
+    total = energy.sum()
+    if total == 0:
+        return 0
+    frac = torch.cumsum(energy, 0) / total
+    return int(torch.searchsorted(frac, torch.tensor(threshold, dtype=frac.dtype) - 1e-12).item()) + 1
+
+
+def effective_rank(sigma: torch.Tensor) -> float:
+    """exp of the Shannon entropy of pᵢ = σᵢ²/Σσ² (1 for a rank-1 update, r for a flat spectrum)."""
+    p = sigma.double() ** 2
+    if p.sum() == 0:
+        return 0.0
+    p = p / p.sum()
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def spectrum_metrics(sigma: torch.Tensor) -> dict:
+    s = sigma.double()
+    fro, top = float(s.norm()), float(s[0]) if len(s) else 0.0
+    return {
+        "fro_norm": fro,
+        "spectral_norm": top,
+        "r90": energy_rank(s, 0.90),
+        "r95": energy_rank(s, 0.95),
+        "r99": energy_rank(s, 0.99),
+        "effective_rank": effective_rank(s),
+        "stable_rank": fro**2 / top**2 if top > 0 else 0.0,
+        "elbow_rank": int((s >= 0.1 * top).sum()) if top > 0 else 0,  # σᵢ/σ₁ ≥ 0.1 ends at the elbow
+        "condition": top / float(s[-1]) if len(s) and s[-1] > 0 else None,  # None: a zero singular value
+    }
+
+
+# --- reading an adapter ----------------------------------------------------------------------------------------
+
+@dataclass
+class LoraFactors:
+    name: str  # module path inside the base model, e.g. bert.encoder.layer.0.attention.self.query
+    A: torch.Tensor  # r × k (in)
+    B: torch.Tensor  # d (out) × r
+    scale: float
+    kind: str = "linear"  # linear | embedding | conv
+    magnitude: torch.Tensor | None = None  # DoRA's per-output-row magnitude vector
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.B.shape[0], self.A.shape[1]
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+
+def read_adapter(path: str | Path, allow_pickle: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter_config, state dict) from a PEFT adapter dir, or a run dir holding adapter/."""
+    path = Path(path)
+    if (path / "adapter" / ADAPTER_CONFIG).is_file():
+        path = path / "adapter"
+    if not path.is_dir():
+        raise UserError(f"{path}: no such adapter dir")
+    if not (path / ADAPTER_CONFIG).is_file():
+        raise UserError(f"{path}: not a PEFT adapter (no {ADAPTER_CONFIG}); pass an adapter dir or a lorafit run dir")
+    try:
+        config = json.loads((path / ADAPTER_CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path / ADAPTER_CONFIG}: corrupt JSON ({e})") from None
+    if (path / ADAPTER_WEIGHTS).is_file():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return config, load_file(path / ADAPTER_WEIGHTS)
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{path / ADAPTER_WEIGHTS}: corrupt safetensors file ({e})") from None
+    if (path / PICKLE_WEIGHTS).is_file():
+        if not allow_pickle:
+            raise UserError(f"{path / PICKLE_WEIGHTS} is a pickle file, which can run code when loaded; "
+                            "re-save it as safetensors, or pass --allow-pickle if you trust it")
+        return config, torch.load(path / PICKLE_WEIGHTS, map_location="cpu", weights_only=True)
+    raise UserError(f"{path}: no {ADAPTER_WEIGHTS} in the adapter dir")
+
+
+def _scale(config: dict, name: str, r: int) -> float:
+    from peft.utils.other import get_pattern_key
+
+    alpha_pattern = config.get("alpha_pattern") or {}
+    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), config["lora_alpha"])
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def lora_factors(config: dict, state: dict[str, torch.Tensor]) -> tuple[list[LoraFactors], list[dict]]:
+    """Every adapted module's factors with its effective scale, and the modules skipped with a reason."""
+    found, skipped = {}, []
+    for key, tensor in state.items():
+        for part, kind in (("lora_A", "linear"), ("lora_B", "linear"), ("lora_embedding_A", "embedding"),
+                           ("lora_embedding_B", "embedding"), ("lora_magnitude_vector", "linear")):
+            marker = f".{part}."
+            if marker in key or key.endswith(f".{part}"):
+                name = key.split(marker)[0] if marker in key else key[: -len(part) - 1]
+                name = name.removeprefix("base_model.model.")
+                found.setdefault(name, {"kind": kind})[part.replace("embedding_", "")] = tensor
+    out = []
+    for name, parts in sorted(found.items(), key=lambda kv: _natural_key(kv[0])):
+        A, B = parts.get("lora_A"), parts.get("lora_B")
+        if A is None or B is None:
+            skipped.append({"name": name, "reason": "incomplete factors (lora_A or lora_B missing)"})
+            continue
+        kind = parts["kind"]
+        # Embedding LoRA stores A as r×vocab and B as dim×r: ΔE = (B·A)ᵀ has the same spectrum as B·A.
+        if A.dim() == 4:  # conv LoRA: A is a conv r×in×kh×kw, B a 1×1 conv; flatten to the matrix it applies
+            kind, A, B = "conv", A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1)
+        r = A.shape[0]
+        if r == 0:
+            skipped.append({"name": name, "reason": "rank 0"})
+            continue
+        out.append(LoraFactors(name, A.float(), B.float(), _scale(config, name, r), kind,
+                               parts.get("lora_magnitude_vector")))
+    return out, skipped
+
+
+def _natural_key(name: str):
+    return [int(p) if p.isdigit() else p for p in name.split(".")]
+
+
+def module_type(name: str) -> str:
+    """The module's own name (query, q_proj, ...): what the report groups by."""
+    return name.rsplit(".", 1)[-1]
+
+
+def layer_index(name: str) -> int | None:
+    nums = [int(p) for p in name.split(".") if p.isdigit()]
+    return nums[0] if nums else None

