@@ -1,0 +1,61 @@
+"""Data: SFT loss masking, truncation counting, dynamic padding."""
+
+from __future__ import annotations
+
+from conftest import compose
+
+from lorafit.data import _encode_sft, collate, load_splits, tokenize
+from lorafit.models import build_tokenizer
+
+
+def _sft_tokens(rows, tok):
+    batch = {k: [r.get(k) for r in rows] for k in ("prompt", "response", "messages")}
+    return _encode_sft(batch, tok, max_len=256)
+
+
+def test_sft_loss_falls_on_response_tokens_only():
+    tok = build_tokenizer(compose("model=tiny-llama").model)
+    assert tok.chat_template  # the tiny Llama has one, like SmolLM2
+    out = _sft_tokens([{"prompt": "What is two plus two?", "response": "Four."}], tok)
+    ids, labels = out["input_ids"][0], out["labels"][0]
+    trained = tok.decode([i for i, l in zip(ids, labels) if l != -100])
+    assert trained == "Four.</s>\n"  # the reply and its end-of-turn, not the prompt or the assistant header
+    assert "What is two plus two?" in tok.decode(ids)
+
+
+def test_sft_multi_turn_trains_every_assistant_turn():
+    tok = build_tokenizer(compose("model=tiny-llama").model)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "Goodbye"}]
+    out = _sft_tokens([{"messages": msgs}], tok)
+    ids, labels = out["input_ids"][0], out["labels"][0]
+    trained = tok.decode([i for i, l in zip(ids, labels) if l != -100])
+    assert "Hello" in trained and "Goodbye" in trained and "Bye</s>" not in trained.replace("Goodbye", "")
+    assert "Be brief" not in trained and "Hi" not in trained
+
+
+def test_truncation_is_counted_and_applied(caplog):
+    cfg = compose("model=tiny-bert", "data.max_length=32", "data.eval_size=20", "data.max_train_samples=50")
+    tok = build_tokenizer(cfg.model)
+    train, ev = tokenize(load_splits(cfg), tok, cfg)
+    assert max(len(r) for r in train["input_ids"]) == 32 and len(train) == 50
+    assert "50 of 50 train rows are longer than data.max_length=32" in caplog.text
+    assert train[0]["input_ids"][-1] == tok.sep_token_id  # truncation keeps the closing special token
+
+
+def test_bbc_split_is_fixed_and_disjoint():
+    a, b = load_splits(compose()), load_splits(compose("train.seed=7"))
+    assert a.labels == ["business", "entertainment", "politics", "sports", "tech"]
+    assert len(a.eval) == 500 and 2000 < len(a.train) + 500 <= 2225
+    assert a.eval["text"] == b.eval["text"]  # independent of train.seed
+    assert not set(a.eval["text"]) & set(a.train["text"])  # the corpus's verbatim repeats don't leak
+
+
+def test_collate_pads_to_the_longest_row_only():
+    rows = [{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [5, 6, 7]},
+            {"input_ids": [8], "attention_mask": [1], "labels": [-100]}]
+    batch = collate(rows, pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[5, 6, 7], [-100, -100, -100]]
