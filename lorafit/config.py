@@ -112,7 +112,7 @@ class SaveAdapterHook:
 @dataclass
 class SpectrumHook:
     energy: float = 0.9  # energy target of the rank advisor
-    plots: bool = True
+    plots: bool = True  # PNGs in analysis/ (and on the W&B / TensorBoard run)
 
 
 @dataclass

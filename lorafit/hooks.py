@@ -38,17 +38,39 @@ def save_adapter(ctx: RunContext) -> None:
 
 
 def spectrum(ctx: RunContext) -> None:
-    """analysis/spectrum.json (+ report and plots): exact singular values of every ΔW."""
+    """analysis/: exact singular values of every ΔW, rank metrics against W0, rank advice, report and plots."""
     from peft.utils import get_peft_model_state_dict
 
-    from lorafit.analysis import report
+    from lorafit.analysis import base, report
 
     config = ctx.model.peft_config["default"].to_dict()
-    doc = report.analyze(config, get_peft_model_state_dict(ctx.model), energy=ctx.cfg.hooks.spectrum.energy)
-    path = report.write(doc, ctx.run_dir / "analysis")
-    ctx.summary["spectrum"] = {"path": str(path), "modules": len(doc["modules"]),
+    hook = ctx.cfg.hooks.spectrum
+    doc = report.analyze(config, get_peft_model_state_dict(ctx.model), energy=hook.energy,
+                         base=base.from_model(ctx.model, config.get("fan_in_fan_out", False)))
+    files = report.write(doc, ctx.run_dir / "analysis", plots=hook.plots)
+    ctx.summary["spectrum"] = {"dir": str(ctx.run_dir / "analysis"), "modules": len(doc["modules"]),
                                "mean_effective_rank": _mean(m["effective_rank"] for m in doc["modules"]),
-                               "mean_r90": _mean(m["r90"] for m in doc["modules"])}
+                               "mean_r90": _mean(m["r90"] for m in doc["modules"]),
+                               "advice": doc["advice"].get("override"), "summary": report.summary_line(doc)}
+    _log_analysis(ctx, doc, [f for f in files if f.suffix == ".png"])
+
+
+def _log_analysis(ctx: RunContext, doc: dict, images: list[Path]) -> None:
+    """The plots as images and the per-module metrics as a table, on the active tracker."""
+    backend = ctx.cfg.logging.backend
+    if backend == "wandb":
+        import wandb
+
+        keys = ["name", "type", "layer", "rank", "effective_rank", "r90", "r99", "stable_rank", "fro_norm", "suggested_rank"]
+        table = wandb.Table(columns=keys, data=[[m[k] for k in keys] for m in doc["modules"]])
+        ctx.accelerator.get_tracker("wandb", unwrap=True).log(
+            {"spectrum/modules": table, **{f"spectrum/{p.stem}": wandb.Image(str(p)) for p in images}})
+    elif backend == "tensorboard":
+        import matplotlib.image
+
+        writer = ctx.accelerator.get_tracker("tensorboard", unwrap=True)
+        for p in images:
+            writer.add_image(f"spectrum/{p.stem}", matplotlib.image.imread(p)[..., :3], dataformats="HWC")
 
 
 def merge(ctx: RunContext) -> None:

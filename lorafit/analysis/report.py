@@ -1,43 +1,181 @@
-"""Turn an adapter into `analysis/spectrum.json` (schema below), `report.md` and plots.
+"""Turn an adapter into `analysis/spectrum.json`, `report.md` and plots.
 
-spectrum.json:
-  {"schema": 1, "energy_target": 0.9, "adapter": {r, alpha, use_rslora, use_dora, target_modules},
+spectrum.json (schema 1):
+  {"schema": 1, "energy_target": 0.9,
+   "adapter": {r, lora_alpha, use_rslora, use_dora, target_modules},
    "modules": [{"name", "type", "layer", "kind", "shape": [d_out, d_in], "rank", "scale",
-                "singular_values": [...], "fro_norm", "spectral_norm", "r90", "r95", "r99",
-                "effective_rank", "stable_rank", "elbow_rank", "condition", "suggested_rank"}, ...],
-   "skipped": [{"name", "reason"}], "advice": {...}}
+                "singular_values": [...],                      # of the scaled ΔW, descending, length = rank
+                "fro_norm", "spectral_norm", "r90", "r95", "r99", "effective_rank", "stable_rank",
+                "elbow_rank", "condition",                     # σ₁/σ_r; null if σ_r = 0
+                "suggested_rank",                              # energy rank at energy_target (≥ 1)
+                "dora": "exact" | "direction-only" | absent,   # DoRA: exact needs W0
+                "base": {...} | absent,                        # with W0: see spectrum.base_metrics
+                "phi": {"<other>": [[φ(i,j)]]} | absent}],     # with --compare, left singular subspaces
+   "skipped": [{"name", "reason"}],
+   "advice": {"energy_target", "global_r", "rank_pattern", "override", "params_now",
+              "params_rank_pattern", "params_global_r"}}
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
-from lorafit.analysis.spectrum import (energy_rank, layer_index, lora_factors, lowrank_svd, module_type,
-                                       spectrum_metrics)
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from lorafit.config import UserError
+
+from lorafit.analysis.spectrum import (base_metrics, dora_delta, energy_rank, layer_index, lora_factors, lowrank_svd,
+                                       module_type, spectrum_metrics, subspace_similarity)
 
 
-def analyze(config: dict, state: dict, energy: float = 0.9) -> dict:
-    """The spectrum document for one adapter (config + state dict), computed from r×r cores."""
+def analyze(config: dict, state: dict, energy: float = 0.9, base=None, compare: dict | None = None) -> dict:
+    """The spectrum document for one adapter. `base`: name -> W0 (see analysis.base); `compare`: {label: (config, state)}."""
     factors, skipped = lora_factors(config, state)
+    others = {label: {f.name: f for f in lora_factors(c, s)[0]} for label, (c, s) in (compare or {}).items()}
+    for label, theirs in others.items():
+        if not set(theirs) & {f.name for f in factors}:
+            raise UserError(f"--compare {label}: it adapts none of this adapter's modules; compare adapters of one base")
     modules = []
-    for f in factors:
-        sigma = lowrank_svd(f.B, f.A, f.scale)
-        modules.append({
-            "name": f.name, "type": module_type(f.name), "layer": layer_index(f.name), "kind": f.kind,
-            "shape": list(f.shape), "rank": f.rank, "scale": f.scale, "singular_values": sigma.tolist(),
-            **spectrum_metrics(sigma), "suggested_rank": max(1, energy_rank(sigma, energy)),
-        })
-    return {
+    for f in tqdm(factors, desc="spectrum", disable=len(factors) < 64, leave=False):
+        W0 = base(f.name) if base is not None else None
+        entry = {"name": f.name, "type": module_type(f.name), "layer": layer_index(f.name), "kind": f.kind,
+                 "shape": list(f.shape), "rank": f.rank, "scale": f.scale}
+        if f.magnitude is not None and W0 is not None:  # DoRA, exactly: full rank in general, so a full SVD
+            U_all, S, Vh = torch.linalg.svd(dora_delta(f, W0), full_matrices=False)
+            U, V, entry["dora"] = U_all[:, : f.rank], Vh[: f.rank].T, "exact"  # S: the whole spectrum
+        else:
+            S, U, V = lowrank_svd(f.B, f.A, f.scale, vectors=True)
+            if f.magnitude is not None:
+                entry["dora"] = "direction-only"  # s·B·A alone; pass --base for the exact effective ΔW
+        entry.update(singular_values=S.tolist(), **spectrum_metrics(S), suggested_rank=max(1, energy_rank(S, energy)))
+        if W0 is not None and tuple(W0.shape) == f.shape:
+            entry["base"] = base_metrics(W0, entry["fro_norm"], U, V)
+        elif W0 is not None:
+            skipped.append({"name": f.name, "reason": f"base weight shape {tuple(W0.shape)} != ΔW shape {f.shape}"})
+        for label, theirs in others.items():
+            g = theirs.get(f.name)
+            if g is not None and g.shape != f.shape:
+                skipped.append({"name": f.name, "reason": f"--compare {label}: shape {g.shape} != {f.shape} (another base?)"})
+            elif g is not None:
+                entry.setdefault("phi", {})[label] = subspace_similarity(U, lowrank_svd(g.B, g.A, g.scale, True)[1]).tolist()
+        modules.append(entry)
+    doc = {
         "schema": 1, "energy_target": energy,
         "adapter": {k: sorted(v) if isinstance(v := config.get(k), set) else v
                     for k in ("r", "lora_alpha", "use_rslora", "use_dora", "target_modules")},
         "modules": modules, "skipped": skipped,
     }
+    doc["advice"] = advise(modules, energy)
+    return doc
 
 
-def write(doc: dict, out_dir: Path) -> Path:
+def advise(modules: list[dict], energy: float) -> dict:
+    """Per-module ranks that keep `energy` of each ΔW, as a peft rank_pattern and as one global r.
+
+    The global r covers 90% of modules (a few outliers should not set everyone's rank); rank_pattern lists
+    only the modules whose own rank differs from it.
+    """
+    if not modules:
+        return {}
+    ranks = [m["suggested_rank"] for m in modules]
+    global_r = int(np.ceil(np.percentile(ranks, 90)))
+    pattern = {m["name"]: m["suggested_rank"] for m in modules if m["suggested_rank"] != global_r}
+    cost = lambda r, m: r * (m["shape"][0] + m["shape"][1])
+    override = f"lora.r={global_r}"
+    if pattern:  # `++`: Hydra's typed dicts take new keys only through a forced override
+        override += " '++lora.rank_pattern={" + ",".join(f"{k}:{v}" for k, v in pattern.items()) + "}'"
+    return {
+        "energy_target": energy, "global_r": global_r, "rank_pattern": pattern, "override": override,
+        "params_now": sum(cost(m["rank"], m) for m in modules),
+        "params_rank_pattern": sum(cost(m["suggested_rank"], m) for m in modules),
+        "params_global_r": sum(cost(global_r, m) for m in modules),
+        "modules_meeting_target_at_global_r": sum(r <= global_r for r in ranks) / len(ranks),
+    }
+
+
+def write(doc: dict, out_dir: Path, plots: bool = True) -> list[Path]:
+    """spectrum.json, report.md and (optionally) the PNG plots; returns the files written."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "spectrum.json"
-    path.write_text(json.dumps(doc, indent=1))
-    return path
+    (out_dir / "spectrum.json").write_text(json.dumps(doc, indent=1))
+    written = [out_dir / "spectrum.json"]
+    if plots and doc["modules"]:
+        from lorafit.analysis import plots as P
+
+        written += P.all_plots(doc, out_dir)
+    (out_dir / "report.md").write_text(markdown(doc, [p.name for p in written if p.suffix == ".png"]))
+    return written + [out_dir / "report.md"]
+
+
+def _mean(xs) -> float:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def summary_line(doc: dict) -> str:
+    ms, adv = doc["modules"], doc["advice"]
+    if not ms:
+        return "no adapted modules found"
+    ranks = sorted({m["rank"] for m in ms})
+    saving = 1 - adv["params_rank_pattern"] / adv["params_now"] if adv["params_now"] else 0.0
+    return (f"Across {len(ms)} adapted modules (rank {', '.join(map(str, ranks))}), ΔW has a mean effective rank of "
+            f"{_mean(m['effective_rank'] for m in ms):.1f}, and {doc['energy_target']:.0%} of its energy lies in the top "
+            f"{_mean(m['suggested_rank'] for m in ms):.1f} directions on average. A global r={adv['global_r']} keeps that "
+            f"much energy in {adv['modules_meeting_target_at_global_r']:.0%} of modules; a per-module rank_pattern keeps it "
+            f"in all of them with {saving:.0%} fewer adapter parameters.")
+
+
+def markdown(doc: dict, images: list[str]) -> str:
+    ms, adv = doc["modules"], doc["advice"]
+    lines = ["# What the adapter learned", "", summary_line(doc), ""]
+    if adv:
+        lines += ["## Rank advice", "",
+                  f"To keep {adv['energy_target']:.0%} of each ΔW's energy (Eckart–Young: the best rank-k approximation "
+                  "keeps the top k singular values):", "", "```", f"python -m lorafit ... {adv['override']}", "```", "",
+                  f"| adapter | parameters |", "| --- | ---: |", f"| now | {adv['params_now']:,} |",
+                  f"| rank_pattern | {adv['params_rank_pattern']:,} |", f"| global r={adv['global_r']} | {adv['params_global_r']:,} |",
+                  ""]
+    with_base = any("base" in m for m in ms)
+    lines += ["## Per module type", "", "| type | modules | rank | eff. rank | r90 | r99 | stable rank | ‖ΔW‖_F |"
+              + (" ‖ΔW‖/‖W0‖ | amplification |" if with_base else ""),
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if with_base else "")]
+    for t in dict.fromkeys(m["type"] for m in ms):
+        g = [m for m in ms if m["type"] == t]
+        row = (f"| {t} | {len(g)} | {_mean(m['rank'] for m in g):.0f} | {_mean(m['effective_rank'] for m in g):.2f} | "
+               f"{_mean(m['r90'] for m in g):.1f} | {_mean(m['r99'] for m in g):.1f} | {_mean(m['stable_rank'] for m in g):.2f} | "
+               f"{_mean(m['fro_norm'] for m in g):.3g} |")
+        if with_base:
+            row += (f" {_mean(m.get('base', {}).get('delta_over_w0') for m in g):.3g} |"
+                    f" {_mean(m.get('base', {}).get('amplification') for m in g):.3g} |")
+        lines.append(row)
+    lines += ["", "## Per layer", "", "| module | eff. rank | r90 | r99 | ‖ΔW‖_F | σ₁ | σ₁/σ_r | suggested r |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for m in ms:
+        cond = f"{m['condition']:.3g}" if m["condition"] is not None else "∞"
+        lines.append(f"| {m['name']} | {m['effective_rank']:.2f} | {m['r90']} | {m['r99']} | {m['fro_norm']:.3g} | "
+                     f"{m['spectral_norm']:.3g} | {cond} | {m['suggested_rank']} |")
+    if with_base:
+        lines += ["", "With the base weights: ‖UᵀW0V‖_F projects W0 on ΔW's top-r singular directions (LoRA paper §7). "
+                  "If it is much smaller than for W0's own top directions and close to random ones, ΔW amplifies directions "
+                  "W0 does not emphasise; *amplification* = ‖ΔW‖_F / ‖UᵀW0V‖_F."]
+    if doc["skipped"]:
+        lines += ["", "## Skipped", ""] + [f"- {s['name']}: {s['reason']}" for s in doc["skipped"]]
+    if any("phi" in m for m in ms):
+        lines += ["", "## Subspace similarity", "",
+                  "φ(i, j) = ‖U₁ᵢᵀU₂ⱼ‖²_F / min(i, j) between the top-i left singular vectors of this ΔW and the top-j of "
+                  "the other adapter's: 1 when one subspace contains the other, about max(i, j)/d for random ones.", "",
+                  "| module | other | φ(1,1) | φ(k,k), k = min rank |", "| --- | --- | ---: | ---: |"]
+        for m in ms:
+            for label, phi in m.get("phi", {}).items():
+                k = min(len(phi), len(phi[0]))
+                lines.append(f"| {m['name']} | {label} | {phi[0][0]:.3f} | {phi[k - 1][k - 1]:.3f} |")
+    lines += ["", "## How to read this", "",
+              "- *effective rank*: exp of the entropy of σᵢ²/Σσ²: how many directions ΔW really uses (1 to r).",
+              "- *r90 / r99*: how many top singular directions hold 90% / 99% of ‖ΔW‖²_F; a rank beyond them buys little.",
+              "- *stable rank*: ‖ΔW‖²_F / ‖ΔW‖²_2, a noise-robust lower bound on the rank.",
+              "- *σ₁/σ_r*: near 1, every rank-1 direction is used; large, the last directions are near-empty.", ""]
+    lines += [f"![{name}]({name})" for name in images]
+    return "\n".join(lines) + "\n"

@@ -164,3 +164,57 @@ def module_type(name: str) -> str:
 def layer_index(name: str) -> int | None:
     nums = [int(p) for p in name.split(".") if p.isdigit()]
     return nums[0] if nums else None
+
+
+# --- against the base weight W0 (LoRA paper §7) -------------------------------------------------------------------
+
+EXACT_SVD_MAX_DIM = 1024  # W0 spectra up to this min-dimension are exact; above, randomized (Halko et al.)
+RANDOMIZED_Q = 256
+
+
+def dora_delta(f: LoraFactors, W0: torch.Tensor) -> torch.Tensor:
+    """DoRA's effective update: W' - W0 with W' = m ⊙ (W0 + sBA) / ‖W0 + sBA‖_row (peft's norm over dim 1)."""
+    V = W0.double() + f.scale * (f.B.double() @ f.A.double())
+    return (f.magnitude.double() / V.norm(dim=1)).unsqueeze(1) * V - W0.double()
+
+
+def top_spectrum(W: torch.Tensor, q: int = RANDOMIZED_Q) -> tuple[torch.Tensor, bool]:
+    """(leading singular values of W, exact?): all of them for small W, the top q by randomized SVD for large W."""
+    if min(W.shape) <= EXACT_SVD_MAX_DIM:
+        return torch.linalg.svdvals(W.double()), True
+    torch.manual_seed(0)  # svd_lowrank draws a random test matrix: fix it so reports are reproducible
+    _, S, _ = torch.svd_lowrank(W.float(), q=min(q, min(W.shape)), niter=4)
+    return S.double(), False
+
+
+def base_metrics(W0: torch.Tensor, delta_fro: float, U: torch.Tensor, V: torch.Tensor) -> dict:
+    """‖ΔW‖/‖W0‖, ‖UᵀW0V‖_F for ΔW's top-r directions vs W0's own and random ones, amplification, W0's ranks."""
+    W = W0.double()
+    r = U.shape[1]
+    sigma, exact = top_spectrum(W0)
+    total = float((W**2).sum())  # exact total energy, even when only the top of the spectrum was computed
+    g = torch.Generator().manual_seed(0)
+    Ur = torch.linalg.qr(torch.randn(W.shape[0], r, generator=g, dtype=torch.float64))[0]
+    Vr = torch.linalg.qr(torch.randn(W.shape[1], r, generator=g, dtype=torch.float64))[0]
+    proj = float((U.T @ W @ V).norm())
+    cum = torch.cumsum(sigma**2, 0) / total if total > 0 else torch.zeros_like(sigma)
+
+    def w0_rank(thr):  # None when the computed top-q part of the spectrum holds less than thr of the energy
+        hit = (cum >= thr - 1e-12).nonzero()
+        return int(hit[0]) + 1 if len(hit) else None
+
+    return {
+        "w0_fro_norm": total**0.5, "delta_over_w0": delta_fro / total**0.5 if total > 0 else None,
+        "uWv_fro": proj, "uWv_fro_w0_top": float(sigma[:r].norm()), "uWv_fro_random": float((Ur.T @ W @ Vr).norm()),
+        "amplification": delta_fro / proj if proj > 0 else None,
+        "w0_r90": w0_rank(0.9), "w0_r99": w0_rank(0.99), "w0_spectrum_exact": exact,
+    }
+
+
+def subspace_similarity(U1: torch.Tensor, U2: torch.Tensor) -> torch.Tensor:
+    """φ(i, j) = ‖U1[:, :i]ᵀ U2[:, :j]‖_F² / min(i, j) for all i ≤ r1, j ≤ r2 (Hu et al. 2021, eq. 4)."""
+    sq = (U1.T.double() @ U2.double()) ** 2  # r1 × r2
+    cum = sq.cumsum(0).cumsum(1)
+    i = torch.arange(1, sq.shape[0] + 1, dtype=torch.float64)[:, None]
+    j = torch.arange(1, sq.shape[1] + 1, dtype=torch.float64)[None, :]
+    return cum / torch.minimum(i, j)

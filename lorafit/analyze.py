@@ -1,0 +1,56 @@
+"""`python -m lorafit.analyze PATH [--base MODEL] [--compare OTHER ...] [--out DIR]`
+
+PATH is a lorafit run dir or any PEFT adapter dir (adapter_config.json + adapter_model.safetensors), so this
+works on adapters lorafit did not train. Writes spectrum.json, report.md and PNG plots to DIR (default
+PATH/analysis for a run dir, else PATH/../analysis-<name>) and prints the plain-language summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lorafit.cli import user_errors_as_one_line
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m lorafit.analyze", description=__doc__.split("\n\n")[0])
+    p.add_argument("path", help="a lorafit run dir or a PEFT adapter dir")
+    p.add_argument("--base", help="base model (alias, local dir or hub id) for W0-aware metrics and exact DoRA")
+    p.add_argument("--compare", nargs="+", default=[], metavar="ADAPTER", help="adapters to compare subspaces with (φ)")
+    p.add_argument("--out", help="output dir")
+    p.add_argument("--energy", type=float, default=0.9, help="energy target of the rank advisor (default 0.9)")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin (a pickle: only if you trust it)")
+    return p.parse_args(argv)
+
+
+@user_errors_as_one_line
+def main(argv=None) -> Path:
+    from lorafit.analysis import base as base_weights
+    from lorafit.analysis.report import analyze, summary_line, write
+    from lorafit.analysis.spectrum import read_adapter
+    from lorafit.config import UserError
+
+    args = parse_args(argv)
+    if not 0 < args.energy <= 1:
+        raise UserError(f"--energy={args.energy} must be in (0, 1]")
+    path = Path(args.path)
+    config, state = read_adapter(path, allow_pickle=args.allow_pickle)
+    compare = {}
+    for other in args.compare:
+        label = Path(other).name if Path(other).name != "adapter" else Path(other).parent.name
+        compare[label] = read_adapter(other, allow_pickle=args.allow_pickle)
+    base = base_weights.from_dir(args.base, config.get("fan_in_fan_out", False)) if args.base else None
+    doc = analyze(config, state, args.energy, base=base, compare=compare)
+    out = Path(args.out) if args.out else (path / "analysis" if (path / "adapter").is_dir() else path.parent / f"analysis-{path.name}")
+    files = write(doc, out, plots=not args.no_plots)
+    print(summary_line(doc))
+    if doc["advice"]:
+        print(f"advice: {doc['advice']['override']}")
+    print(f"wrote {len(files)} files to {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
