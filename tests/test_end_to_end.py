@@ -35,6 +35,22 @@ def test_default_minilm_on_bbc_news(tmp_path):
     assert [merged.config.id2label[int(i)] for i in b.argmax(-1)] == ["business", "sports"]
     spectrum = json.loads((tmp_path / "analysis" / "spectrum.json").read_text())
     assert len(spectrum["modules"]) == 12  # 6 layers x (query, value)
+    assert all("base" in m for m in spectrum["modules"])  # the hook had W0 from the in-memory float model
+    # The standalone verb on the same run, with the packaged base read lazily from its safetensors.
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = subprocess.run([sys.executable, "-m", "lorafit.analyze", str(tmp_path), "--base", "minilm-l6", "--out",
+                          str(tmp_path / "an")], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    again = json.loads((tmp_path / "an" / "spectrum.json").read_text())
+    for a, b in zip(spectrum["modules"], again["modules"]):
+        assert a["singular_values"] == pytest.approx(b["singular_values"], rel=1e-9)
+        assert a["base"]["uWv_fro"] == pytest.approx(b["base"]["uWv_fro"], rel=1e-5)
+    for name in ("report.md", "singular_values.png", "cumulative_energy.png", "effective_rank.png"):
+        assert (tmp_path / "an" / name).is_file()
 
 
 def test_smollm2_causal_lm_runs_and_merges(tmp_path):

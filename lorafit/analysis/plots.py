@@ -97,7 +97,7 @@ def phi(doc: dict, out_dir: Path) -> list[Path]:
     for label in labels:
         groups = {t: [np.array(m["phi"][label]) for m in ms if label in m.get("phi", {})] for t, ms in _by_type(doc).items()}
         groups = {t: g for t, g in groups.items() if g}
-        fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 3), squeeze=False)
+        fig, axes = plt.subplots(1, len(groups), figsize=(1 + 3.2 * len(groups), 3.6), squeeze=False, layout="constrained")
         for ax, (t, mats) in zip(axes[0], groups.items()):
             im = ax.imshow(np.mean(mats, 0), vmin=0, vmax=1, cmap="magma", origin="lower", aspect="auto",
                            extent=(0.5, mats[0].shape[1] + 0.5, 0.5, mats[0].shape[0] + 0.5))
