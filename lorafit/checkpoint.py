@@ -12,11 +12,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 from lorafit.config import UserError
 
 STATE_FILE = "trainer_state.json"
+
+
+def crash_point(point: str, step: int) -> None:
+    """Fault injection for the crash tests: LORAFIT_FAULT=save:N (mid-save) or step:N SIGKILLs this process there."""
+    if os.environ.get("LORAFIT_FAULT") == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def keep_only_trainable(accelerator, model) -> None:
@@ -38,6 +45,7 @@ def save(accelerator, run_dir: Path, step: int, keep: int) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    crash_point("save", step)  # the state is on disk, but not yet marked complete nor renamed
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps({"step": step}))
         shutil.rmtree(final, ignore_errors=True)

@@ -108,6 +108,8 @@ def _read_file(path: str, key: str):
     except FileNotFoundError:
         raise UserError(f"{key}={path!r}: file not found") from None
     except Exception as e:  # datasets wraps parse errors (bad UTF-8, ragged csv, broken json) in its own types
+        if "corresponds to no data" in str(e):
+            raise UserError(f"{key}={path!r} has no data rows: the split is empty") from None
         cause = e.__cause__ or e.__context__ or e
         raise UserError(f"{key}={path!r} could not be read as {builder}: {type(cause).__name__}: "
                         f"{str(cause).splitlines()[0][:200] if str(cause) else ''} (is it UTF-8 {builder}?)") from None

@@ -121,8 +121,8 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
     start = 0
     if (ckpt := checkpoint.find(t.resume, run_dir)) is not None:
         start = checkpoint.load(accelerator, ckpt)
-        log.truncate_after(start)
         accelerator.print(f"resumed from {ckpt} at step {start}/{total}")
+    log.truncate_after(start)  # a run that died before its first checkpoint starts over from step 0 too
 
     def micro_batches(first: int):
         """An endless stream of micro-batches, starting at micro-batch index `first` of the whole run."""
@@ -176,6 +176,7 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
             bar.write(f"step {step}: " + "  ".join(f"eval/{k}={v:.4f}" for k, v in res.eval.items()))
         if t.save_every and step % t.save_every == 0:
             checkpoint.save(accelerator, run_dir, step, t.keep_checkpoints)
+        checkpoint.crash_point("step", step)
         res.steps = step
     bar.close()
     if not res.eval:  # resumed at the very end: evaluate what was loaded
