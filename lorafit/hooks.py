@@ -5,12 +5,15 @@ Select them with `hooks=[save_adapter,spectrum,merge]`; each one's options are `
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
+
+from lorafit.merge import RUN_INFO
 
 
 @dataclass
@@ -32,6 +35,8 @@ def save_adapter(ctx: RunContext) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     ctx.model.save_pretrained(tmp, safe_serialization=True)
     ctx.tokenizer.save_pretrained(tmp)
+    info = {"task": ctx.cfg.model.task, "labels": ctx.labels, "model": ctx.cfg.model.name, "quant": ctx.cfg.quant.mode}
+    (tmp / RUN_INFO).write_text(json.dumps(info, indent=1))  # what PEFT's format leaves out, for `lorafit.merge`
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)  # the final adapter appears whole or not at all
     ctx.summary["adapter_dir"] = str(out)
@@ -74,18 +79,16 @@ def _log_analysis(ctx: RunContext, doc: dict, images: list[Path]) -> None:
 
 
 def merge(ctx: RunContext) -> None:
-    """merged/: the adapter merged into a float copy of the base, verified on a probe batch."""
-    from lorafit.merge import MERGE_DTYPES, merge_and_verify
-    from lorafit.models import build_model
+    """merged/: the adapter merged into a float (or dequantized) copy of the base, verified on a probe batch."""
+    from lorafit.merge import merge_and_verify, merge_base
 
     hook = ctx.cfg.hooks.merge
     adapter_dir = ctx.run_dir / (ctx.cfg.hooks.save_adapter.dir if ctx.cfg.hooks.save_adapter else "adapter")
     if not adapter_dir.is_dir():
         save_adapter(_with_save_adapter(ctx))
-    float_base = OmegaConf.merge(ctx.cfg, {"model": {"dtype": MERGE_DTYPES[hook.dtype]}})
-    base = build_model(float_base, ctx.labels, quantize=False)
-    ctx.summary["merge"] = merge_and_verify(base, adapter_dir, ctx.run_dir / hook.dir, ctx.probe, hook.dtype,
-                                            tokenizer=ctx.tokenizer, reference=ctx.model)
+    ctx.summary["merge"] = merge_and_verify(merge_base(ctx.cfg, ctx.labels, hook.dtype), [adapter_dir],
+                                            ctx.run_dir / hook.dir, ctx.probe, hook.dtype, tokenizer=ctx.tokenizer,
+                                            reference=ctx.model)
 
 
 def _with_save_adapter(ctx: RunContext) -> RunContext:

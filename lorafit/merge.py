@@ -1,15 +1,24 @@
-"""Merge an adapter into its base and prove the merge is exact.
+"""Merge adapters into their base and prove the merge is exact.
 
-The merge always goes into a *float* copy of the base (dtype fp32 by default), never into quantized
-weights: adding s·B·A to 4-bit weights and re-quantizing changes the function (peft#2321, transformers#31293).
-Verification runs three models on one probe batch and records the max abs logit difference:
-  merged vs unmerged (same float base + adapter): must be ~0 -- the merge itself is exact;
-  merged vs the model that was trained (only differs from the above when that base was quantized):
-  what deploying the float merge costs against the adapter-on-quantized-base the user evaluated.
+`python -m lorafit.merge PATH [PATH ...] --out DIR [--dtype fp32|bf16|fp16] [--base MODEL] [--weights W ...]
+ [--combination linear|svd|ties] [--stream]`
+
+Which weights the update goes into:
+- a float base: the base as trained, in the chosen dtype;
+- a QLoRA (nf4/int8) base: the *dequantized* base. That is the function the adapter was trained and evaluated
+  against, so the merged model computes what the QLoRA model computed. Adding s·B·A to 4-bit weights and
+  re-quantizing instead changes the function (peft#2321, transformers#31293); merging into the original
+  float weights gives a function the adapter never saw.
+Verification runs the merged and the unmerged model on a probe batch and records max |logit difference|:
+  merged vs unmerged  -- the adapter on the same (float or dequantized) base: must be ~0, or nothing is saved;
+  merged vs trained   -- (in a run) the model in memory; for QLoRA that is the adapter on the 4-bit base.
+`--stream` merges a sharded safetensors checkpoint one shard at a time (peak memory ~ one shard) and verifies
+every merged module against W0·x + s·B·(A·x) on random probes instead of loading the whole model.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -17,10 +26,14 @@ from pathlib import Path
 
 import torch
 
+from lorafit.cli import user_errors_as_one_line
 from lorafit.config import UserError
 
 MERGE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 1e-2}  # max abs logit diff, relative to the logits' scale
+PROBE_TEXTS = ["Shares in the bank rose after profits beat forecasts.", "The striker scored twice in the final.",
+               "A new phone chip promises longer battery life.", "Parliament votes on the budget next week."]
+RUN_INFO = "lorafit.json"  # beside an adapter: task and label names, which PEFT's format does not carry
 
 
 @torch.no_grad()
@@ -34,29 +47,226 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max())
 
 
-def merge_and_verify(base_model, adapter_dir: Path, out_dir: Path, probe: dict, dtype: str = "fp32",
-                     tokenizer=None, reference=None) -> dict:
-    """Load adapter_dir onto base_model (float), merge, verify on `probe`, save atomically to out_dir."""
+def merge_base(cfg, labels, dtype: str):
+    """The float model to merge into: the base in `dtype`, dequantized when the run was quantized."""
+    from omegaconf import OmegaConf
+
+    from lorafit.models import DTYPES, build_model
+
+    float_cfg = OmegaConf.merge(cfg, {"model": {"dtype": MERGE_DTYPES[dtype]},
+                                      "quant": {"compute_dtype": MERGE_DTYPES[dtype]}})
+    if cfg.quant.mode == "none":
+        return build_model(float_cfg, labels, quantize=False)
+    return build_model(float_cfg, labels, quantize=True).dequantize().to(DTYPES[MERGE_DTYPES[dtype]])
+
+
+def merge_and_verify(base_model, adapter_dirs: list[Path], out_dir: Path, probe: dict, dtype: str = "fp32",
+                     tokenizer=None, reference=None, weights: list[float] | None = None, combination: str = "linear") -> dict:
+    """Load the adapter(s) onto base_model, merge, verify on `probe`, save atomically to out_dir."""
     from peft import PeftModel
 
-    peft_model = PeftModel.from_pretrained(base_model, str(adapter_dir))
+    tied = _tied(base_model)
+    try:
+        peft_model = PeftModel.from_pretrained(base_model, str(adapter_dirs[0]), adapter_name="a0")
+        for i, d in enumerate(adapter_dirs[1:], 1):
+            peft_model.load_adapter(str(d), adapter_name=f"a{i}")
+    except (RuntimeError, ValueError) as e:  # size mismatch or missing modules: the adapter was trained on another base
+        raise UserError(f"adapter {adapter_dirs[0]} does not fit base {getattr(base_model.config, '_name_or_path', '?')}: "
+                        f"{str(e).strip().splitlines()[-1][:200]}; pass the right --base") from None
+    if len(adapter_dirs) > 1:
+        names = [f"a{i}" for i in range(len(adapter_dirs))]
+        peft_model.add_weighted_adapter(names, weights or [1.0 / len(names)] * len(names), "combined",
+                                        combination_type=combination, density=0.5 if combination == "ties" else None)
+        peft_model.set_adapter("combined")
     unmerged = logits(peft_model, probe)
     merged_model = peft_model.merge_and_unload()
     merged = logits(merged_model, probe)
     scale = max(1.0, float(unmerged.abs().max()))
-    report = {"dtype": dtype, "probe_rows": int(len(unmerged)), "logit_scale": scale,
-              "max_abs_diff_merged_vs_unmerged": max_diff(merged, unmerged), "tolerance": TOLERANCE[dtype] * scale}
+    report = {"dtype": dtype, "adapters": [str(d) for d in adapter_dirs], "probe_rows": int(len(unmerged)),
+              "logit_scale": scale, "max_abs_diff_merged_vs_unmerged": max_diff(merged, unmerged),
+              "tolerance": TOLERANCE[dtype] * scale, "tied_embeddings": tied and _tied(merged_model)}
+    if len(adapter_dirs) > 1:
+        report.update(combination=combination, weights=weights or [1.0 / len(adapter_dirs)] * len(adapter_dirs))
     if reference is not None:
         report["max_abs_diff_merged_vs_trained"] = max_diff(merged, logits(reference, probe))
     if report["max_abs_diff_merged_vs_unmerged"] > report["tolerance"]:
         raise UserError(f"merge check failed: merged and unmerged logits differ by "
                         f"{report['max_abs_diff_merged_vs_unmerged']:.3g} > {report['tolerance']:.3g}; nothing was saved")
+    if tied and not report["tied_embeddings"]:
+        raise UserError("merge untied the input and output embeddings; nothing was saved")
+    _save_atomically(out_dir, lambda tmp: (merged_model.save_pretrained(tmp, safe_serialization=True),
+                                           tokenizer.save_pretrained(tmp) if tokenizer is not None else None), report)
+    return report
+
+
+def _tied(model) -> bool:
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    return out is not None and inp is not None and out.weight.data_ptr() == inp.weight.data_ptr()
+
+
+def _save_atomically(out_dir: Path, write, report: dict) -> None:
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    merged_model.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    (tmp / "merge_report.json").write_text(json.dumps(report, indent=1))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+
+
+# --- streaming merge: bounded memory for sharded checkpoints ------------------------------------------------------
+
+def stream_merge(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str | None = None, allow_pickle: bool = False,
+                 probes: int = 8) -> dict:
+    """Merge shard by shard: read a shard, add s·B·A to its targeted tensors, write it, free it."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from lorafit.analysis.base import _match
+    from lorafit.analysis.spectrum import lora_factors, read_adapter
+    from lorafit.models import DTYPES
+
+    config, state = read_adapter(adapter_dir, allow_pickle=allow_pickle)
+    factors, skipped = lora_factors(config, state)
+    if any(f.magnitude is not None for f in factors) or skipped:
+        raise UserError("--stream merges plain LoRA factors only (no DoRA, no incomplete factors); merge without --stream")
+    shards = sorted(base_dir.glob("*.safetensors"))
+    if not shards:
+        raise UserError(f"--stream: no .safetensors shards in {base_dir}")
+    keys = {}
+    for shard in shards:
+        with safe_open(shard, "pt") as h:
+            keys.update({k: shard for k in h.keys()})
+    targets = {}
+    for f in factors:
+        key = _match(f.name, keys)
+        if key is None:
+            raise UserError(f"--stream: no weight for adapted module {f.name} in {base_dir}; is it the adapter's base?")
+        targets[key] = f
+    saved = {k.removeprefix("base_model.model."): v for k, v in state.items() if ".lora_" not in k}  # modules_to_save
+    replaced = {_match(k.removesuffix(".weight").removesuffix(".bias"), keys) or k: v for k, v in saved.items()}
+    fan_in_fan_out, out_dtype = config.get("fan_in_fan_out", False), DTYPES[MERGE_DTYPES[dtype]] if dtype else None
+    check, g = 0.0, torch.Generator().manual_seed(0)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for shard in tqdm(shards, desc="merge shards", disable=len(shards) < 2):
+        tensors = {}
+        with safe_open(shard, "pt") as h:
+            for key in h.keys():
+                W = h.get_tensor(key)
+                if key in targets:
+                    f = targets[key]
+                    delta = (f.B @ f.A) * f.scale  # the same order of operations as peft's merge: bitwise equal in fp32
+                    delta = delta.T if fan_in_fan_out or f.kind == "embedding" else delta
+                    merged = (W.float() + delta).to(W.dtype)
+                    check = max(check, _probe_module(W, merged, f, fan_in_fan_out, g, probes))
+                    W = merged
+                elif key in replaced:
+                    W = replaced.pop(key).to(W.dtype)
+                tensors[key] = W.to(out_dtype) if out_dtype is not None and W.is_floating_point() else W
+        save_file(tensors, tmp / shard.name, metadata={"format": "pt"})
+        del tensors
+    if replaced:
+        raise UserError(f"--stream: the base has no tensors {sorted(replaced)[:3]} that the adapter saves in full")
+    for extra in base_dir.iterdir():  # config, tokenizer, shard index: unchanged
+        if extra.is_file() and extra.suffix != ".safetensors":
+            shutil.copy2(extra, tmp / extra.name)
+    if out_dtype is not None and (tmp / "config.json").is_file():
+        cfg = json.loads((tmp / "config.json").read_text())
+        cfg["dtype"] = cfg["torch_dtype"] = MERGE_DTYPES[dtype]
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    report = {"mode": "stream", "shards": len(shards), "merged_modules": len(targets),
+              "max_abs_diff_module_probe": check, "dtype": dtype or "as base"}
     (tmp / "merge_report.json").write_text(json.dumps(report, indent=1))
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return report
+
+
+def _probe_module(W0, merged, f, fan_in_fan_out: bool, g, n: int) -> float:
+    """Relative |merged·x - (W0·x + s·B·(A·x))| on random x: the module-level version of the logit check."""
+    orient = (lambda M: M.T) if fan_in_fan_out or f.kind == "embedding" else (lambda M: M)
+    W0m, Wm = orient(W0.float()), orient(merged.float())  # as d_out × d_in
+    x = torch.randn(Wm.shape[1], n, generator=g)
+    want = W0m @ x + f.scale * (f.B @ (f.A @ x))
+    return float((Wm @ x - want).abs().max() / want.abs().max().clamp_min(1e-12))
+
+
+# --- CLI -----------------------------------------------------------------------------------------------------------
+
+def _run_info(adapter_dir: Path, state: dict, config: dict) -> dict:
+    """Task, labels and quantization of the run that trained this adapter (or best guesses for foreign adapters)."""
+    path = adapter_dir / RUN_INFO
+    if path.is_file():
+        return json.loads(path.read_text())
+    task = {"SEQ_CLS": "seq_cls", "CAUSAL_LM": "causal_lm"}.get(config.get("task_type"))
+    if task is None:
+        raise UserError(f"{adapter_dir}: adapter task_type {config.get('task_type')!r} is not SEQ_CLS or CAUSAL_LM")
+    head = [v for k, v in state.items() if k.endswith(("classifier.weight", "score.weight", "out_proj.weight"))]
+    labels = [f"LABEL_{i}" for i in range(head[-1].shape[0])] if task == "seq_cls" and head else None
+    return {"task": task, "labels": labels, "quant": "none"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m lorafit.merge", description="Merge LoRA adapters into their base, verified.")
+    p.add_argument("paths", nargs="+", help="lorafit run dirs or PEFT adapter dirs (several: a weighted combination)")
+    p.add_argument("--out", required=True, help="where to write the merged transformers model")
+    p.add_argument("--dtype", default="fp32", choices=list(MERGE_DTYPES))
+    p.add_argument("--base", help="base model (alias, local dir, hub id); default: the adapter's base_model_name_or_path")
+    p.add_argument("--weights", nargs="+", type=float, help="one weight per adapter (default: equal)")
+    p.add_argument("--combination", default="linear", choices=["linear", "svd", "ties", "cat"])
+    p.add_argument("--stream", action="store_true", help="shard-by-shard merge of a safetensors checkpoint (bounded memory)")
+    p.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin (a pickle: only if you trust it)")
+    return p.parse_args(argv)
+
+
+@user_errors_as_one_line
+def main(argv=None) -> dict:
+    from omegaconf import OmegaConf
+
+    from lorafit.analysis.spectrum import read_adapter
+    from lorafit.config import Config
+    from lorafit.data import collate
+    from lorafit.models import build_tokenizer, resolve
+
+    args = parse_args(argv)
+    dirs = [Path(p) / "adapter" if (Path(p) / "adapter").is_dir() else Path(p) for p in args.paths]
+    config, state = read_adapter(dirs[0], allow_pickle=args.allow_pickle)  # refuses pickles and corrupt files
+    for d in dirs[1:]:
+        read_adapter(d, allow_pickle=args.allow_pickle)
+    if args.weights and len(args.weights) != len(dirs):
+        raise UserError(f"--weights has {len(args.weights)} values for {len(dirs)} adapters")
+    base = args.base or config.get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{dirs[0]}: adapter_config.json names no base model; pass --base")
+    out = Path(args.out)
+    if args.stream:
+        if len(dirs) > 1:
+            raise UserError("--stream merges one adapter at a time")
+        report = stream_merge(Path(resolve(base)), dirs[0], out, args.dtype, args.allow_pickle)
+        print(f"merged {report['merged_modules']} modules over {report['shards']} shards into {out}; "
+              f"max relative module-probe error {report['max_abs_diff_module_probe']:.2e}")
+        return report
+    info = _run_info(dirs[0], state, config)
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), {"model": {"name": base, "task": info["task"]},
+                                                          "quant": {"mode": info.get("quant", "none")}})
+    if (dirs[0] / "tokenizer_config.json").is_file():  # lorafit saves the tokenizer beside the adapter
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(dirs[0])
+        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    else:
+        tokenizer = build_tokenizer(cfg.model)
+    enc = tokenizer(PROBE_TEXTS, truncation=True, max_length=64)
+    probe = collate([{k: enc[k][i] for k in enc} for i in range(len(PROBE_TEXTS))], tokenizer.pad_token_id)
+    report = merge_and_verify(merge_base(cfg, info.get("labels"), args.dtype), dirs, out, probe, args.dtype, tokenizer,
+                              weights=args.weights, combination=args.combination)
+    print(f"merged into {out} ({args.dtype}); max |logit diff| merged vs unmerged = "
+          f"{report['max_abs_diff_merged_vs_unmerged']:.2e} (tolerance {report['tolerance']:.1e})")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -70,9 +70,12 @@ def test_quantized_tiny_llama_trains(tmp_path, quant):
     run_dir, summary = run_inprocess(tmp_path, *TINY_LM, f"quant={quant}", "train.max_steps=25", "quant.compute_dtype=float32",
                                      "hooks=[save_adapter,merge]")
     assert_loss_falls(run_dir, factor=0.9)
-    # The merge goes into a float base; against the quantized model it was trained on, the gap is the quantization error.
-    assert summary["merge"]["max_abs_diff_merged_vs_unmerged"] < 1e-4
-    assert summary["merge"]["max_abs_diff_merged_vs_trained"] > 1e-4
+    # The merge goes into the *dequantized* base: exact against the adapter on that base, and for nf4 it computes
+    # what the 4-bit model computed. LLM.int8 also quantizes activations, so int8 keeps a small gap.
+    m = summary["merge"]
+    assert m["max_abs_diff_merged_vs_unmerged"] < 1e-4
+    assert m["max_abs_diff_merged_vs_trained"] < (1e-4 if quant == "nf4" else 0.05 * m["logit_scale"])
+    assert (run_dir / "adapter" / "lorafit.json").is_file()
 
 
 def test_sft_on_prompt_response_and_messages(tmp_path, write_jsonl):

@@ -1,0 +1,96 @@
+"""`python -m lorafit.merge`: exact merges, streaming == in-memory, multi-adapter, tied embeddings, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, TINY_CLS, TINY_LM, run_inprocess
+from safetensors.torch import load_file
+
+
+def merge_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lorafit.merge", *map(str, args)], cwd=REPO, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def lm_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm")
+    a, _ = run_inprocess(root / "a", *TINY_LM, "train.max_steps=10", "hooks=[save_adapter]")
+    b, _ = run_inprocess(root / "b", *TINY_LM, "train.max_steps=10", "train.seed=1", "hooks=[save_adapter]")
+    return a, b
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_merge_cli_seq_cls_keeps_head_and_labels(tmp_path, dtype):
+    from transformers import AutoModelForSequenceClassification
+
+    run_dir, _ = run_inprocess(tmp_path, *TINY_CLS, "train.max_steps=10", "hooks=[save_adapter]")
+    out = merge_cli(run_dir, "--out", tmp_path / "merged", "--dtype", dtype)
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "merged" / "merge_report.json").read_text())
+    assert report["max_abs_diff_merged_vs_unmerged"] <= report["tolerance"]
+    if dtype == "fp32":
+        assert report["max_abs_diff_merged_vs_unmerged"] < 1e-5
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    assert model.config.id2label == {0: "business", 1: "sport", 2: "tech"}
+    assert model.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+
+
+def test_merge_cli_causal_lm_keeps_embeddings_tied(tmp_path, lm_runs):
+    from transformers import AutoModelForCausalLM
+
+    out = merge_cli(lm_runs[0], "--out", tmp_path / "merged")
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "merged" / "merge_report.json").read_text())["tied_embeddings"] is True
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_streaming_merge_is_bitwise_equal_to_in_memory(tmp_path, lm_runs):
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.models import resolve
+
+    sharded = tmp_path / "base"  # the tiny base re-saved in several shards, like a big checkpoint
+    AutoModelForCausalLM.from_pretrained(resolve("tiny-llama")).save_pretrained(sharded, max_shard_size="100KB")
+    shutil.copy(Path(resolve("tiny-llama")) / "tokenizer.json", sharded)
+    shutil.copy(Path(resolve("tiny-llama")) / "tokenizer_config.json", sharded)
+    assert len(list(sharded.glob("*.safetensors"))) >= 3
+    adapter = lm_runs[0] / "adapter"
+    assert merge_cli(adapter, "--base", sharded, "--out", tmp_path / "mem").returncode == 0
+    out = merge_cli(adapter, "--base", sharded, "--out", tmp_path / "stream", "--stream")
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "stream" / "merge_report.json").read_text())["max_abs_diff_module_probe"] < 1e-5
+    mem = AutoModelForCausalLM.from_pretrained(tmp_path / "mem").state_dict()
+    streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "stream").state_dict()
+    assert mem.keys() == streamed.keys()
+    assert all(torch.equal(mem[k], streamed[k]) for k in mem), [k for k in mem if not torch.equal(mem[k], streamed[k])][:3]
+
+
+def test_weighted_multi_adapter_merge_is_verified(tmp_path, lm_runs):
+    out = merge_cli(*lm_runs, "--weights", "0.7", "0.3", "--combination", "linear", "--out", tmp_path / "merged")
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "merged" / "merge_report.json").read_text())
+    assert report["weights"] == [0.7, 0.3] and report["max_abs_diff_merged_vs_unmerged"] < 1e-4
+
+
+def test_merge_rejects_mismatched_base_pickles_and_missing_files(tmp_path, lm_runs):
+    adapter = lm_runs[0] / "adapter"
+    out = merge_cli(adapter, "--base", "tiny-bert", "--out", tmp_path / "x")
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "lorafit: error:" in out.stderr
+    pickled = tmp_path / "pickled"
+    shutil.copytree(adapter, pickled)
+    torch.save(load_file(pickled / "adapter_model.safetensors"), pickled / "adapter_model.bin")
+    (pickled / "adapter_model.safetensors").unlink()
+    out = merge_cli(pickled, "--out", tmp_path / "y")
+    assert out.returncode == 2 and "pickle" in out.stderr and not (tmp_path / "y").exists()
+    out = merge_cli(pickled, "--out", tmp_path / "y", "--allow-pickle")
+    assert out.returncode == 0, out.stderr
+    out = merge_cli(tmp_path / "nothing", "--out", tmp_path / "z")
+    assert out.returncode == 2 and "no such adapter dir" in out.stderr
