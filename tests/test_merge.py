@@ -94,3 +94,46 @@ def test_merge_rejects_mismatched_base_pickles_and_missing_files(tmp_path, lm_ru
     assert out.returncode == 0, out.stderr
     out = merge_cli(tmp_path / "nothing", "--out", tmp_path / "z")
     assert out.returncode == 2 and "no such adapter dir" in out.stderr
+
+
+def test_compress_meets_eckart_young_and_reloads(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lorafit import compress
+    from lorafit.models import resolve
+
+    out = subprocess.run([sys.executable, "-m", "lorafit.compress", "tiny-llama", "--out", tmp_path / "c", "--energy", "0.9"],
+                         cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    plan = json.loads((tmp_path / "c" / "lowrank.json").read_text())
+    factored = [e for e in plan["modules"].values() if e["factored"]]
+    assert factored and plan["params_after"] < plan["params_before"]
+    for e in factored:
+        assert e["eckart_young_rel_error"] <= 0.1**0.5 + 1e-9  # keeping ≥ 90% of Σσ² leaves ≤ √0.1 relative error
+        assert e["measured_rel_error"] == pytest.approx(e["eckart_young_rel_error"], rel=1e-4)
+        assert e["rank"] * sum(e["shape"]) < e["shape"][0] * e["shape"][1]  # only where it saves parameters
+    reloaded = compress.load(tmp_path / "c")
+    original = AutoModelForCausalLM.from_pretrained(resolve("tiny-llama"))
+    in_memory = AutoModelForCausalLM.from_pretrained(resolve("tiny-llama"))
+    compress.compress_model(in_memory, 0.9, None)
+    x = torch.randint(5, 500, (2, 16))
+    with torch.no_grad():
+        a, b, c = reloaded(input_ids=x).logits, in_memory(input_ids=x).logits, original(input_ids=x).logits
+    assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, c, atol=1e-3)
+    for name, e in plan["modules"].items():  # the reloaded architecture follows the plan, module by module
+        assert isinstance(reloaded.get_submodule(name), compress.LowRankLinear) == e["factored"], name
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
+
+
+def test_compress_fixed_rank_randomized_matches_exact(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lorafit import compress
+    from lorafit.models import resolve
+
+    model = lambda: AutoModelForCausalLM.from_pretrained(resolve("tiny-llama"))
+    exact = compress.compress_model(model(), None, 8, "exact", modules=r"mlp\.")
+    rand = compress.compress_model(model(), None, 8, "randomized", modules=r"mlp\.")
+    assert set(exact["modules"]) == set(rand["modules"]) and all(e["rank"] == 8 for e in rand["modules"].values())
+    for name, e in exact["modules"].items():
+        assert rand["modules"][name]["measured_rel_error"] <= e["measured_rel_error"] * 1.05 + 1e-6
