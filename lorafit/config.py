@@ -42,6 +42,7 @@ class ModelConfig:
     trust_remote_code: bool = False  # off unless asked: hub code runs with the user's rights
     revision: Optional[str] = None
     gradient_checkpointing: bool = False
+    dropout: Optional[float] = None  # override the checkpoint's own dropout probabilities (None keeps them)
 
 
 @dataclass
@@ -56,6 +57,7 @@ class DataConfig:
     eval_size: int = 500  # held-out articles for bbc_news (a fixed split, independent of train.seed)
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
+    group_by_length: bool = False  # batch rows of similar length (less padding; exact: nothing crosses rows)
 
 
 @dataclass
@@ -181,6 +183,8 @@ def validate(cfg) -> None:
         errors.append(f"lora.alpha={lo.alpha} must be > 0")
     if not 0 <= lo.dropout < 1:
         errors.append(f"lora.dropout={lo.dropout} must be in [0, 1)")
+    if m.dropout is not None and not 0 <= m.dropout < 1:
+        errors.append(f"model.dropout={m.dropout} must be in [0, 1) (or null to keep the checkpoint's)")
     if lo.lr_ratio is not None and lo.lr_ratio <= 0:
         errors.append(f"lora.lr_ratio={lo.lr_ratio} must be > 0 (or null to turn LoRA+ off)")
     for k, v in (lo.rank_pattern or {}).items():

@@ -119,14 +119,13 @@ def _save_atomically(out_dir: Path, write, report: dict) -> None:
 def stream_merge(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str | None = None, allow_pickle: bool = False,
                  probes: int = 8) -> dict:
     """Merge shard by shard: read a shard, add s·B·A to its targeted tensors, write it, free it."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     from lorafit.analysis.base import _match
     from lorafit.analysis.spectrum import lora_factors, read_adapter
     from lorafit.models import DTYPES
 
+    _return_freed_memory_promptly()
     config, state = read_adapter(adapter_dir, allow_pickle=allow_pickle)
     factors, skipped = lora_factors(config, state)
     if any(f.magnitude is not None for f in factors) or skipped:
@@ -134,10 +133,7 @@ def stream_merge(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str | 
     shards = sorted(base_dir.glob("*.safetensors"))
     if not shards:
         raise UserError(f"--stream: no .safetensors shards in {base_dir}")
-    keys = {}
-    for shard in shards:
-        with safe_open(shard, "pt") as h:
-            keys.update({k: shard for k in h.keys()})
+    keys = {k: shard for shard in shards for k in _header(shard)[0]}
     targets = {}
     for f in factors:
         key = _match(f.name, keys)
@@ -152,22 +148,25 @@ def stream_merge(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str | 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for shard in tqdm(shards, desc="merge shards", disable=len(shards) < 2):
-        tensors = {}
-        with safe_open(shard, "pt") as h:
-            for key in h.keys():
-                W = h.get_tensor(key)
-                if key in targets:
-                    f = targets[key]
-                    delta = (f.B @ f.A) * f.scale  # the same order of operations as peft's merge: bitwise equal in fp32
-                    delta = delta.T if fan_in_fan_out or f.kind == "embedding" else delta
-                    merged = (W.float() + delta).to(W.dtype)
-                    check = max(check, _probe_module(W, merged, f, fan_in_fan_out, g, probes))
-                    W = merged
-                elif key in replaced:
-                    W = replaced.pop(key).to(W.dtype)
-                tensors[key] = W.to(out_dtype) if out_dtype is not None and W.is_floating_point() else W
-        save_file(tensors, tmp / shard.name, metadata={"format": "pt"})
-        del tensors
+        header, start = _header(shard)
+        with open(shard, "rb") as src:
+            def merged_tensors():  # one tensor at a time: peak memory ~ the largest tensor, not the shard
+                nonlocal check
+                for key, meta in header.items():
+                    W = _read(src, meta, start)
+                    if key in targets:
+                        f = targets[key]
+                        delta = (f.B @ f.A) * f.scale  # peft's order of operations: bitwise equal in fp32
+                        delta = delta.T if fan_in_fan_out or f.kind == "embedding" else delta
+                        merged = (W.float() + delta).to(W.dtype)
+                        del delta
+                        check = max(check, _probe_module(W, merged, f, fan_in_fan_out, g, probes))
+                        W = merged
+                    elif key in replaced:
+                        W = replaced.pop(key).to(W.dtype)
+                    yield key, W.to(out_dtype) if out_dtype is not None and W.is_floating_point() else W
+
+            _write_streaming(tmp / shard.name, header, merged_tensors(), out_dtype)
     if replaced:
         raise UserError(f"--stream: the base has no tensors {sorted(replaced)[:3]} that the adapter saves in full")
     for extra in base_dir.iterdir():  # config, tokenizer, shard index: unchanged
@@ -185,13 +184,84 @@ def stream_merge(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str | 
     return report
 
 
-def _probe_module(W0, merged, f, fan_in_fan_out: bool, g, n: int) -> float:
-    """Relative |merged·x - (W0·x + s·B·(A·x))| on random x: the module-level version of the logit check."""
-    orient = (lambda M: M.T) if fan_in_fan_out or f.kind == "embedding" else (lambda M: M)
-    W0m, Wm = orient(W0.float()), orient(merged.float())  # as d_out × d_in
-    x = torch.randn(Wm.shape[1], n, generator=g)
-    want = W0m @ x + f.scale * (f.B @ (f.A @ x))
-    return float((Wm @ x - want).abs().max() / want.abs().max().clamp_min(1e-12))
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                      torch.bool: "BOOL"}
+
+
+ST_TO_TORCH = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+def _return_freed_memory_promptly() -> None:
+    """glibc serves blocks up to 32 MiB from its heap and keeps them after free, so a loop over 20-50 MiB tensors
+    ratchets the peak up; with mmap for every block over 1 MiB, freed tensors go straight back to the OS."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
+def _header(path: Path) -> tuple[dict, int]:
+    """(tensor entries in file order, offset of the data section) of a safetensors file."""
+    import struct
+
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return dict(sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])), 8 + n
+
+
+def _read(f, meta: dict, start: int) -> torch.Tensor:
+    """One tensor by plain reads: unlike safetensors' mmap, nothing of the rest of the file stays resident."""
+    begin, end = meta["data_offsets"]
+    t = torch.empty(meta["shape"], dtype=ST_TO_TORCH[meta["dtype"]])
+    f.seek(start + begin)
+    if end > begin:
+        f.readinto(t.view(-1).view(torch.uint8).numpy())
+    return t
+
+
+def _write_streaming(path: Path, src_header: dict, tensors, out_dtype) -> None:
+    """Write a safetensors file tensor by tensor. The header (names, dtypes, shapes, offsets) is known up front
+    from the source shard, since a merge keeps every shape; `save_file` would need the whole shard in memory."""
+    import struct
+
+    header, offset = {}, 0
+    for key, meta in src_header.items():
+        dtype = ST_TO_TORCH[meta["dtype"]]
+        if out_dtype is not None and dtype.is_floating_point:
+            dtype = out_dtype
+        size = torch.Size(meta["shape"]).numel() * torch.empty((), dtype=dtype).element_size()
+        header[key] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": meta["shape"], "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format aligns the data section to 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for key, t in tensors:
+            assert SAFETENSORS_DTYPES[t.dtype] == header[key]["dtype"], key
+            if t.numel():
+                f.write(t.contiguous().view(-1).view(torch.uint8).numpy())
+
+
+def _probe_module(W0, merged, f, fan_in_fan_out: bool, g, n: int, rows: int = 1024) -> float:
+    """Relative |merged·x - (W0·x + s·B·(A·x))| on random x: the module-level version of the logit check.
+    Row blocks keep the float copies small."""
+    if fan_in_fan_out or f.kind == "embedding":
+        W0, merged = W0.T, merged.T  # as d_out × d_in
+    x = torch.randn(merged.shape[1], n, generator=g)
+    low = f.B @ (f.A @ x) * f.scale
+    err = top = 0.0
+    for i in range(0, merged.shape[0], rows):
+        want = W0[i : i + rows].float() @ x + low[i : i + rows]
+        err = max(err, float((merged[i : i + rows].float() @ x - want).abs().max()))
+        top = max(top, float(want.abs().max()))
+    return err / max(top, 1e-12)
 
 
 # --- CLI -----------------------------------------------------------------------------------------------------------

@@ -105,8 +105,9 @@ def run(cfg, run_dir: Path | None = None) -> float:
         "primary_metric": metric, "eval": result.eval, "steps": result.steps, "train_loss": result.train_loss,
         "trainable_params": params["trainable"], "total_params": params["total"],
         "trainable_percent": params["percent"], "train_wall_s": result.wall_s,
-        "samples_per_s": result.samples / result.wall_s if result.wall_s else None,
-        "tokens_per_s": result.tokens / result.wall_s if result.wall_s else None,
+        "eval_wall_s": result.eval_s,  # throughput below is over training steps only, evaluation left out
+        "samples_per_s": result.samples / (result.wall_s - result.eval_s) if result.wall_s > result.eval_s else None,
+        "tokens_per_s": result.tokens / (result.wall_s - result.eval_s) if result.wall_s > result.eval_s else None,
         "skipped_steps": result.skipped_steps, "processes": accelerator.num_processes,
     }
     if accelerator.is_main_process:

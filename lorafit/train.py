@@ -36,9 +36,10 @@ class TrainResult:
     steps: int
     eval: dict = field(default_factory=dict)
     train_loss: float = float("nan")
-    samples: int = 0  # samples and non-pad target tokens seen by this run (not counting a resumed-from part)
+    samples: int = 0  # samples and non-pad tokens seen by this run (not counting a resumed-from part)
     tokens: int = 0
     wall_s: float = 0.0
+    eval_s: float = 0.0  # of wall_s; throughput figures leave it out
     skipped_steps: int = 0
 
 
@@ -124,17 +125,19 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
         accelerator.print(f"resumed from {ckpt} at step {start}/{total}")
     log.truncate_after(start)  # a run that died before its first checkpoint starts over from step 0 too
 
+    lengths = [len(ids) for ids in train_ds["input_ids"]] if cfg.data.group_by_length else None
+
     def micro_batches(first: int):
         """An endless stream of micro-batches, starting at micro-batch index `first` of the whole run."""
         epoch, skip = divmod(first, per_epoch)
         while True:
-            order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(t.seed + epoch)).tolist()
+            order = epoch_order(len(train_ds), t.batch_size * nproc, t.seed + epoch, lengths)
             loader = _loader(train_ds, t.batch_size, order, pad_id, accelerator, True)
             yield from (accelerator.skip_first_batches(loader, skip) if skip else loader)
             epoch, skip = epoch + 1, 0
 
     stream, params = micro_batches(start * t.grad_accum), [p for p in model.parameters() if p.requires_grad]
-    res, t0, window = TrainResult(steps=start), time.perf_counter(), []
+    res, t0, window, tokens = TrainResult(steps=start), time.perf_counter(), [], torch.zeros((), dtype=torch.long)
     bar = tqdm(total=total, initial=start, desc="train", disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     for step in range(start + 1, total + 1):
         model.train()
@@ -149,7 +152,7 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
                 accelerator.backward(losses.sum() * nproc / n_global)
             step_loss += losses.sum().detach()
             res.samples += len(batch["input_ids"]) * nproc
-            res.tokens += int(batch["attention_mask"].sum()) * nproc
+            tokens += batch["attention_mask"].sum() * nproc  # a tensor: no host sync per micro-batch
         grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
         if not (torch.isfinite(step_loss) and torch.isfinite(grad_norm)):  # one host sync per step: cheap insurance
             if t.on_nonfinite == "stop":
@@ -171,7 +174,9 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
             bar.set_postfix(loss=f"{res.train_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             window = []
         if (t.eval_every and step % t.eval_every == 0) or step == total:
+            t_eval = time.perf_counter()
             res.eval = evaluate(model, eval_loader, cfg, accelerator)
+            res.eval_s += time.perf_counter() - t_eval
             log.write(step, {f"eval/{k}": v for k, v in res.eval.items()})
             bar.write(f"step {step}: " + "  ".join(f"eval/{k}={v:.4f}" for k, v in res.eval.items()))
         if t.save_every and step % t.save_every == 0:
@@ -181,8 +186,25 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
     bar.close()
     if not res.eval:  # resumed at the very end: evaluate what was loaded
         res.eval = evaluate(model, eval_loader, cfg, accelerator)
-    res.wall_s = time.perf_counter() - t0
+    res.wall_s, res.tokens = time.perf_counter() - t0, int(tokens)
     return res
+
+
+def epoch_order(n: int, batch: int, seed: int, lengths: list[int] | None = None) -> list[int]:
+    """This epoch's sample order: a permutation from (seed, epoch) alone, so a resumed run can recompute it.
+
+    With lengths, rows are grouped by length as HF's LengthGroupedSampler does: shuffle, sort each mega-batch of
+    50 batches by length, cut into batches, shuffle the batches. Partial batches are dropped so every batch of the
+    (drop_last) loader is one of these groups.
+    """
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g).tolist()
+    if lengths is None:
+        return perm
+    mega = batch * 50
+    chunks = [sorted(perm[i : i + mega], key=lambda j: -lengths[j]) for i in range(0, n, mega)]
+    batches = [c[i : i + batch] for c in chunks for i in range(0, len(c), batch) if len(c[i : i + batch]) == batch]
+    return [j for b in torch.randperm(len(batches), generator=g).tolist() for j in batches[b]]
 
 
 class MetricsLog:
