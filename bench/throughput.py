@@ -151,8 +151,8 @@ def main(argv=None) -> list[dict]:
     for r in rows:
         for side in ("lorafit", "peer"):
             sps = [x["samples_per_s"] for x in r["runs"][side]]
-            print(f"  {r['job']}/{r['mode']}/{side}: samples/s {' '.join(f'{v:.1f}' for v in sps)}; "
-                  f"peak RSS MiB {' '.join(f'{x['rss_mb']:.0f}' for x in r['runs'][side])}")
+            rss = " ".join(f"{x['rss_mb']:.0f}" for x in r["runs"][side])
+            print(f"  {r['job']}/{r['mode']}/{side}: samples/s {' '.join(f'{v:.1f}' for v in sps)}; peak RSS MiB {rss}")
     return rows
 
 

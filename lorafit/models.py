@@ -208,11 +208,8 @@ def build_model(cfg, labels: list[str] | None = None, quantize: bool = True):
                       label2id={l: i for i, l in enumerate(labels)},
                       problem_type="regression" if regression else "single_label_classification")
     if m.dropout is not None:  # e.g. BERT's hidden/attention dropout: ~30% of a MiniLM training step on CPU
-        config = load_config(m)
-        for key in DROPOUT_KEYS:
-            if hasattr(config, key):
-                setattr(config, key, m.dropout)
-        kwargs["config"] = config
+        config = load_config(m)  # config attributes passed as kwargs override the checkpoint's values
+        kwargs.update({key: m.dropout for key in DROPOUT_KEYS if hasattr(config, key)})
     qconfig = quantization_config(cfg) if quantize else None
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig

@@ -126,7 +126,8 @@ def run(cfg, run_dir: Path | None = None) -> float:
 def _print_summary(s: dict) -> None:
     lines = [
         "",
-        f"done: {s['steps']} steps in {s['train_wall_s']:.1f}s ({s['samples_per_s']:.1f} samples/s)",
+        f"done: {s['steps']} steps in {s['train_wall_s']:.1f}s ({s['samples_per_s']:.1f} samples/s training, "
+        f"{s['eval_wall_s']:.1f}s of it evaluating)",
         f"  eval {s['primary_metric']}: {s['eval'].get(s['primary_metric'], float('nan')):.4f}   "
         + "  ".join(f"{k}={v:.4f}" for k, v in s["eval"].items() if k != s["primary_metric"]),
         f"  trainable params: {s['trainable_params']:,} ({s['trainable_percent']:.3f}%)",
