@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test test-fast docker clean
+.PHONY: install run launch test test-fast docker clean
 
 install: $(STAMP)
 
@@ -21,6 +21,11 @@ $(STAMP): requirements.txt requirements-data.txt pyproject.toml
 
 run: $(STAMP)
 	$(PY) -m lorafit $(ARGS)
+
+# make launch ACCEL=multi_gpu_ddp ARGS="recipe=glue_mnli lora.r=16"   (configs: conf/accelerate/*.yaml)
+ACCEL ?= single_gpu
+launch: $(STAMP)
+	$(VENV)/bin/accelerate launch --config_file conf/accelerate/$(ACCEL).yaml -m lorafit $(ARGS)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)

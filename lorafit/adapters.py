@@ -31,6 +31,10 @@ def peft_config(cfg):
 
 
 def attach_lora(model, cfg):
+    """The model with LoRA attached through peft; with lora.method=full, the model itself, every weight trainable."""
+    if cfg.lora.method == "full":
+        model.requires_grad_(True)
+        return model
     from peft import get_peft_model
 
     return get_peft_model(model, peft_config(cfg))

@@ -47,7 +47,7 @@ def save(accelerator, run_dir: Path, step: int, keep: int) -> Path:
     accelerator.save_state(str(tmp), safe_serialization=True)
     crash_point("save", step)  # the state is on disk, but not yet marked complete nor renamed
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step}))
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "processes": accelerator.num_processes}))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)  # atomic on one filesystem: the checkpoint appears whole or not at all
         for old in complete_checkpoints(root)[:-keep]:
@@ -80,9 +80,14 @@ def find(resume: str | None, run_dir: Path) -> Path | None:
 
 def load(accelerator, path: Path) -> int:
     """Restore weights, optimizer, scheduler and RNG states; return the step to continue from."""
+    state = json.loads((path / STATE_FILE).read_text())
+    if state.get("processes", 1) != accelerator.num_processes:  # per-process RNG files and data shards differ
+        raise UserError(f"checkpoint {path} was written by {state['processes']} processes and this run has "
+                        f"{accelerator.num_processes}; resume with the same count (accelerate launch --num_processes "
+                        f"{state['processes']}), or start fresh without train.resume")
     try:
         accelerator.load_state(str(path), strict=False)  # strict=False: the frozen base was never saved
     except (RuntimeError, ValueError, KeyError) as e:
         raise UserError(f"checkpoint {path} does not fit this run ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                         "was it written with another model, lora config or process count?") from None
-    return json.loads((path / STATE_FILE).read_text())["step"]
+    return state["step"]

@@ -62,6 +62,7 @@ class DataConfig:
 
 @dataclass
 class LoraConfig:
+    method: str = "lora"  # lora | full (every parameter trains: the baseline a rank sweep is read against)
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0  # 0 by default: dropout costs ~45% of a CPU step on MiniLM and did not help accuracy here
@@ -167,6 +168,9 @@ def validate(cfg) -> None:
     _choice(errors, "data.source", d.source, DATA_SOURCES)
     _choice(errors, "quant.mode", q.mode, QUANT_MODES)
     _choice(errors, "lora.init", lo.init, LORA_INITS)
+    _choice(errors, "lora.method", lo.method, ("lora", "full"))
+    if lo.method == "full" and q.mode != "none":
+        errors.append(f"lora=full trains every weight and can't run on quant.mode={q.mode} (4-/8-bit weights are frozen)")
     _choice(errors, "train.optimizer", t.optimizer, OPTIMIZERS)
     _choice(errors, "train.scheduler", t.scheduler, SCHEDULERS)
     _choice(errors, "train.mixed_precision", t.mixed_precision, PRECISIONS)
@@ -244,12 +248,15 @@ def validate(cfg) -> None:
         if lo.init in ("pissa", "olora"):
             errors.append(f"lora.init={lo.init} needs a float base and can't run on quant.mode={q.mode}")
         _choice(errors, "quant.compute_dtype", q.compute_dtype, ("float32", "bfloat16", "float16"))
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and q.quant_storage is None:
+            errors.append(f"quant.mode={q.mode} under FSDP needs quant.quant_storage=bfloat16 (FSDP flattens the "
+                          "4-bit weights together with the bf16 ones)")
     if t.optimizer != "adamw" and importlib.util.find_spec("bitsandbytes") is None:
         errors.append(f"train.optimizer={t.optimizer} needs bitsandbytes: pip install bitsandbytes")
     if cfg.logging.backend == "wandb" and importlib.util.find_spec("wandb") is None:
         errors.append("logging.backend=wandb needs wandb: pip install wandb")
 
-    if m.task in TASKS:  # checks against the model's own modules, built on the meta device (no weights loaded)
+    if m.task in TASKS and lo.method == "lora":  # checks against the model's own modules, built on the meta device (no weights loaded)
         from lorafit.models import check_targets
 
         errors += check_targets(cfg)

@@ -29,8 +29,9 @@ class RunContext:
 
 
 def save_adapter(ctx: RunContext) -> None:
-    """Plain PEFT format: loads with PeftModel.from_pretrained(base, run_dir/"adapter")."""
-    out = ctx.run_dir / ctx.cfg.hooks.save_adapter.dir
+    """Plain PEFT format: loads with PeftModel.from_pretrained(base, run_dir/"adapter").
+    With lora=full there is no adapter: the whole model goes to run_dir/model instead."""
+    out = ctx.run_dir / ("model" if ctx.cfg.lora.method == "full" else ctx.cfg.hooks.save_adapter.dir)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     ctx.model.save_pretrained(tmp, safe_serialization=True)
@@ -44,6 +45,8 @@ def save_adapter(ctx: RunContext) -> None:
 
 def spectrum(ctx: RunContext) -> None:
     """analysis/: exact singular values of every ΔW, rank metrics against W0, rank advice, report and plots."""
+    if ctx.cfg.lora.method == "full":
+        return  # no low-rank factors to analyze
     from peft.utils import get_peft_model_state_dict
 
     from lorafit.analysis import base, report
@@ -83,6 +86,8 @@ def merge(ctx: RunContext) -> None:
     from lorafit.merge import merge_and_verify, merge_base
 
     hook = ctx.cfg.hooks.merge
+    if ctx.cfg.lora.method == "full":
+        return  # nothing to merge: save_adapter already wrote the full model
     adapter_dir = ctx.run_dir / (ctx.cfg.hooks.save_adapter.dir if ctx.cfg.hooks.save_adapter else "adapter")
     if not adapter_dir.is_dir():
         save_adapter(_with_save_adapter(ctx))

@@ -46,6 +46,16 @@ def _run_dir() -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
+def _sweep_group() -> str | None:
+    """In a multirun, the sweep's name (e.g. bbc_news-2026-11-23_10-45-25): every job of it is one W&B group."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return "-".join(Path(HydraConfig.get().sweep.dir).parts[-2:])
+
+
 def _accelerator(cfg, run_dir: Path):
     from accelerate import Accelerator
 
@@ -95,13 +105,14 @@ def run(cfg, run_dir: Path | None = None) -> float:
         # TensorBoard's hparams take scalars only: give it flat keys and printable values.
         tracker_config = resolved if cfg.logging.backend == "wandb" else _flat_scalars(resolved)
         accelerator.init_trackers(cfg.logging.project, config=tracker_config, init_kwargs={
-            "wandb": {"name": name, "group": cfg.logging.group, "dir": str(run_dir)}})
+            "wandb": {"name": name, "group": cfg.logging.group or _sweep_group(), "dir": str(run_dir)}})
     result = train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir,
                    MetricsLog(run_dir / "metrics.jsonl", accelerator))
 
     metric, _ = metrics.primary_metric(cfg)
     summary = {
-        "run_dir": str(run_dir), "model": cfg.model.name, "task": cfg.model.task, "lora_r": cfg.lora.r,
+        "run_dir": str(run_dir), "model": cfg.model.name, "task": cfg.model.task, "method": cfg.lora.method,
+        "lora_r": cfg.lora.r if cfg.lora.method == "lora" else None, "seed": cfg.train.seed,
         "primary_metric": metric, "eval": result.eval, "steps": result.steps, "train_loss": result.train_loss,
         "trainable_params": params["trainable"], "total_params": params["total"],
         "trainable_percent": params["percent"], "train_wall_s": result.wall_s,
@@ -129,7 +140,8 @@ def _print_summary(s: dict) -> None:
         f"done: {s['steps']} steps in {s['train_wall_s']:.1f}s ({s['samples_per_s']:.1f} samples/s training, "
         f"{s['eval_wall_s']:.1f}s of it evaluating)",
         f"  eval {s['primary_metric']}: {s['eval'].get(s['primary_metric'], float('nan')):.4f}   "
-        + "  ".join(f"{k}={v:.4f}" for k, v in s["eval"].items() if k != s["primary_metric"]),
+        + "  ".join(f"{k}={v:.4f}" for k, v in s["eval"].items() if k not in (s["primary_metric"], "n"))
+        + f"  (n={s['eval'].get('n')})",
         f"  trainable params: {s['trainable_params']:,} ({s['trainable_percent']:.3f}%)",
     ]
     if "spectrum" in s:

@@ -87,10 +87,12 @@ def evaluate(model, loader, cfg, accelerator) -> dict:
         rows.append(accelerator.gather_for_metrics(out).cpu())
     res = torch.cat(rows).numpy()
     if task == "causal_lm":
-        return metrics.language_model(float(res[:, 0].sum()), int(res[:, 1].sum()))
-    if cfg.data.source == "glue" and cfg.data.task == "stsb":
-        return metrics.regression(res[:, 0], res[:, 1])
-    return metrics.classification(res[:, 0].astype(int), res[:, 1].astype(int), cfg.data.task)
+        out = metrics.language_model(float(res[:, 0].sum()), int(res[:, 1].sum()))
+    elif cfg.data.source == "glue" and cfg.data.task == "stsb":
+        out = metrics.regression(res[:, 0], res[:, 1])
+    else:
+        out = metrics.classification(res[:, 0].astype(int), res[:, 1].astype(int), cfg.data.task)
+    return {**out, "n": len(res)}  # rows evaluated: each exactly once, however many processes
 
 
 def _loader(ds, batch_size, order, pad_id, accelerator, drop_last):
@@ -178,7 +180,8 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
             res.eval = evaluate(model, eval_loader, cfg, accelerator)
             res.eval_s += time.perf_counter() - t_eval
             log.write(step, {f"eval/{k}": v for k, v in res.eval.items()})
-            bar.write(f"step {step}: " + "  ".join(f"eval/{k}={v:.4f}" for k, v in res.eval.items()))
+            bar.write(f"step {step}: " + "  ".join(f"eval/{k}={v:.4f}" if isinstance(v, float) else f"eval/{k}={v}"
+                                                   for k, v in res.eval.items()))
         if t.save_every and step % t.save_every == 0:
             checkpoint.save(accelerator, run_dir, step, t.keep_checkpoints)
         checkpoint.crash_point("step", step)

@@ -149,3 +149,19 @@ def test_wandb_offline_writes_a_run_and_keeps_secrets_out(tmp_path, monkeypatch)
 def test_tensorboard_writes_events(tmp_path):
     run_dir, _ = run_inprocess(tmp_path, *TINY_CLS, "train.max_steps=3", "logging=tensorboard", "hooks=[]")
     assert list(run_dir.rglob("events.out.tfevents.*"))
+
+
+def test_grad_accumulation_equals_one_big_batch_on_variable_length_rows(tmp_path, write_jsonl):
+    """Loss is normalized over the tokens of the whole accumulated batch (transformers PR #34191): 4 micro-batches
+    of 2 give the gradient of one batch of 8, though their token counts differ a lot."""
+    rows = [{"prompt": f"q{i}", "response": " ".join(["word"] * (1 + (i * 7) % 40))} for i in range(64)]
+    train, ev = write_jsonl("t.jsonl", rows), write_jsonl("e.jsonl", rows[:8])
+    common = [*TINY_LM, "data=sft", f"data.train_file={train}", f"data.eval_file={ev}", "train.max_steps=4",
+              "lora.dropout=0.0", "model.dropout=0.0", "hooks=[save_adapter]"]
+    big, _ = run_inprocess(tmp_path / "big", *common, "train.batch_size=8", "train.grad_accum=1")
+    acc, _ = run_inprocess(tmp_path / "acc", *common, "train.batch_size=2", "train.grad_accum=4")
+    a, b = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (big, acc))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), (k, (a[k] - b[k]).abs().max())
+    la, lb = train_losses(big), train_losses(acc)
+    assert la == pytest.approx(lb, rel=1e-5)
