@@ -69,7 +69,7 @@ def test_model_dropout_override_reaches_the_model():
 
     model = build_model(compose("model=tiny-bert", "model.dropout=0.0"), ["a", "b"])
     assert model.config.hidden_dropout_prob == 0.0 and model.config.attention_probs_dropout_prob == 0.0
-    assert build_model(compose("model=tiny-bert"), ["a", "b"]).config.hidden_dropout_prob == 0.1
+    assert build_model(compose("model=tiny-bert", "model.dropout=null"), ["a", "b"]).config.hidden_dropout_prob == 0.1
 
 
 def test_throughput_benchmark_runs_in_tiny_mode(capsys):

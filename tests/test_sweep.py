@@ -48,8 +48,8 @@ def test_sweep_on_wandb_offline_records_group_and_config(tmp_path):
     for job in json.loads((tmp_path / "sw" / "t1" / "sweep.json").read_text())["jobs"]:
         (record,) = Path(job["run_dir"]).glob("wandb/offline-run-*/run-*.wandb")
         blob = record.read_bytes()
-        assert b"sw-t1" in blob  # the W&B group is the sweep's name
-        assert f'"r": {job["r"]}'.encode() in blob  # the resolved config went up with the run
+        assert b"2\x05sw-t1" in blob  # the run record's group field is the sweep's name
+        assert f'{{"method":"lora","r":{job["r"]},'.encode() in blob  # the resolved config's JSON went up with the run
         files = record.parent / "files"  # the spectrum hook logged its plots and per-module table to the run
         assert list(files.glob("media/images/spectrum/*.png")) and list(files.glob("media/table/spectrum/*.table.json"))
 

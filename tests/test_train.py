@@ -135,12 +135,13 @@ def test_wandb_offline_writes_a_run_and_keeps_secrets_out(tmp_path, monkeypatch)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_API_KEY", "fake-key-0123456789abcdef0123456789abcdef01234567")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    run_dir, _ = run_inprocess(tmp_path, *TINY_CLS, "train.max_steps=3", "logging=wandb", "logging.group=g1",
+    run_dir, _ = run_inprocess(tmp_path, *TINY_CLS, "train.max_steps=3", "logging=wandb", "logging.group=test-group",
                                "hooks=[save_adapter]")
     records = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(records) == 1 and records[0].stat().st_size > 0
     blob = records[0].read_bytes()
-    assert b"g1" in blob and b"tiny-bert" in blob  # group and config are in the record log
+    assert b"2\x0atest-group" in blob  # the run record's group field (protobuf tag 0x32, length 10)
+    assert b'{"name":"tiny-bert","task":"seq_cls"' in blob  # the config record (not just the command line)
     for f in run_dir.rglob("*"):
         if f.is_file():
             assert b"fake-key-0123456789abcdef" not in f.read_bytes(), f
@@ -157,7 +158,8 @@ def test_grad_accumulation_equals_one_big_batch_on_variable_length_rows(tmp_path
     rows = [{"prompt": f"q{i}", "response": " ".join(["word"] * (1 + (i * 7) % 40))} for i in range(64)]
     train, ev = write_jsonl("t.jsonl", rows), write_jsonl("e.jsonl", rows[:8])
     common = [*TINY_LM, "data=sft", f"data.train_file={train}", f"data.eval_file={ev}", "train.max_steps=4",
-              "lora.dropout=0.0", "model.dropout=0.0", "hooks=[save_adapter]"]
+              "lora.dropout=0.0", "model.dropout=0.0", "hooks=[save_adapter]",
+              "train.lr=3e-3"]  # a realistic step: the float summation-order noise scales with it
     big, _ = run_inprocess(tmp_path / "big", *common, "train.batch_size=8", "train.grad_accum=1")
     acc, _ = run_inprocess(tmp_path / "acc", *common, "train.batch_size=2", "train.grad_accum=4")
     a, b = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (big, acc))
