@@ -236,9 +236,11 @@ def _markdown(runs, rec, spec, phi, advisor, images) -> str:
         lines += [f"**Recommended rank: r={rec['recommended_r']}**, the smallest whose mean eval {rec['metric']} is within "
                   f"{rec['tolerance']:.4g} of the best ({rec['best']:.4f})."]
         if advisor and advisor.get("global_r"):
-            agree = "agrees" if advisor["global_r"] <= rec["recommended_r"] else "suggests more"
-            lines += [f"The spectrum advisor, reading the r={advisor['from_r']} adapter, suggests r={advisor['global_r']} to keep "
-                      f"{advisor['energy']:.0%} of ΔW's energy ({agree})."]
+            g = advisor["global_r"]
+            at_g = rec["means"].get(g)
+            lines += [f"The spectrum advisor, reading the r={advisor['from_r']} adapter, suggests r={g} to keep "
+                      f"{advisor['energy']:.0%} of ΔW's energy" + (f"; the sweep measured {at_g:.4f} at r={g}." if at_g is not None
+                                                                     else ".")]
         lines.append("")
     lines += ["| run | method | r | seed | metric | trainable params | wall s | samples/s |",
               "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
