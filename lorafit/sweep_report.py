@@ -161,6 +161,13 @@ def _plots(runs, rec, spec, phi, out: Path) -> list[str]:
     name, images = rec["metric"], []
     by_r = {r: [x for x in lora if x["r"] == r] for r in ranks}
 
+    def save(fig, filename: str, tight: bool = True) -> None:
+        if tight:
+            fig.tight_layout()
+        fig.savefig(out / filename, dpi=110)
+        plt.close(fig)
+        images.append(filename)
+
     fig, ax = plt.subplots(figsize=(6, 4))
     means = [_mean([x["metric"] for x in by_r[r]]) for r in ranks]
     stds = [_std([x["metric"] for x in by_r[r]]) for r in ranks]
@@ -172,10 +179,7 @@ def _plots(runs, rec, spec, phi, out: Path) -> list[str]:
     ax.set(xscale="log", xlabel="LoRA rank r", ylabel=f"eval {name}", title=f"{name} against rank")
     ax.set_xticks(ranks, [str(r) for r in ranks])
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "metric_vs_rank.png", dpi=110)
-    plt.close(fig)
-    images.append("metric_vs_rank.png")
+    save(fig, "metric_vs_rank.png")
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
     params = [_mean([x["trainable_params"] for x in by_r[r]]) for r in ranks]
@@ -185,10 +189,7 @@ def _plots(runs, rec, spec, phi, out: Path) -> list[str]:
     a2.set(xscale="log", yscale="log", xlabel="r", ylabel=f"{name} per million trainable params", title="metric per parameter")
     for a in (a1, a2):
         a.set_xticks(ranks, [str(r) for r in ranks])
-    fig.tight_layout()
-    fig.savefig(out / "params_vs_rank.png", dpi=110)
-    plt.close(fig)
-    images.append("params_vs_rank.png")
+    save(fig, "params_vs_rank.png")
 
     if spec:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -200,10 +201,7 @@ def _plots(runs, rec, spec, phi, out: Path) -> list[str]:
         ax.set(xscale="log", yscale="log", xlabel="LoRA rank r", ylabel="rank of ΔW", title="how much of its rank ΔW uses")
         ax.set_xticks(rs, [str(r) for r in rs])
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "spectrum_vs_rank.png", dpi=110)
-        plt.close(fig)
-        images.append("spectrum_vs_rank.png")
+        save(fig, "spectrum_vs_rank.png")
 
     if phi:
         from lorafit.analysis.spectrum import layer_index, module_type
@@ -224,9 +222,7 @@ def _plots(runs, rec, spec, phi, out: Path) -> list[str]:
             ax.set(title=t, xlabel="layer", ylabel="rank r", yticks=range(len(rs)), yticklabels=rs,
                    xticks=range(len(layers)), xticklabels=layers)
         fig.colorbar(im, ax=axes[0].tolist(), label=f"φ(r, R={max(r['r'] for r in lora)})")
-        fig.savefig(out / "phi_vs_largest.png", dpi=110)
-        plt.close(fig)
-        images.append("phi_vs_largest.png")
+        save(fig, "phi_vs_largest.png", tight=False)  # constrained layout already
     return images
 
 
