@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import shutil
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorafit.checkpoint import atomic_dir
 from lorafit.cli import user_errors_as_one_line
 from lorafit.config import UserError
 
@@ -164,14 +164,11 @@ def main(argv=None) -> dict:
     if args.eval:
         report["eval"] = {"recipe": args.eval, "before": before, "after": _evaluate(model, args.eval, src)}
     out = Path(args.out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)  # config.json + model.safetensors (LowRankLinear weights)
-    for f in Path(src).glob("*token*"):
-        shutil.copy2(f, tmp / f.name)
-    (tmp / PLAN_FILE).write_text(json.dumps(report, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)  # config.json + model.safetensors (LowRankLinear weights)
+        for f in Path(src).glob("*token*"):
+            shutil.copy2(f, tmp / f.name)
+        (tmp / PLAN_FILE).write_text(json.dumps(report, indent=1))
     print(f"factored {report['factored']} of {len(report['modules'])} modules: {report['params_before']:,} -> "
           f"{report['params_after']:,} params in them ({report['params_after'] / report['params_before']:.1%})")
     if args.eval:

@@ -27,7 +27,7 @@ OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 TRACKERS = ("none", "wandb", "tensorboard")
-MERGE_DTYPES = ("fp32", "bf16", "fp16")
+MERGE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --dtype / hooks.merge.dtype
 
 
 class UserError(Exception):

@@ -6,14 +6,14 @@ Select them with `hooks=[save_adapter,spectrum,merge]`; each one's options are `
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from lorafit.checkpoint import atomic_dir
 from lorafit.merge import RUN_INFO
+from lorafit.metrics import mean
 
 
 @dataclass
@@ -32,14 +32,11 @@ def save_adapter(ctx: RunContext) -> None:
     """Plain PEFT format: loads with PeftModel.from_pretrained(base, run_dir/"adapter").
     With lora=full there is no adapter: the whole model goes to run_dir/model instead."""
     out = ctx.run_dir / ("model" if ctx.cfg.lora.method == "full" else ctx.cfg.hooks.save_adapter.dir)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    ctx.model.save_pretrained(tmp, safe_serialization=True)
-    ctx.tokenizer.save_pretrained(tmp)
-    info = {"task": ctx.cfg.model.task, "labels": ctx.labels, "model": ctx.cfg.model.name, "quant": ctx.cfg.quant.mode}
-    (tmp / RUN_INFO).write_text(json.dumps(info, indent=1))  # what PEFT's format leaves out, for `lorafit.merge`
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)  # the final adapter appears whole or not at all
+    with atomic_dir(out) as tmp:  # the final adapter appears whole or not at all
+        ctx.model.save_pretrained(tmp, safe_serialization=True)
+        ctx.tokenizer.save_pretrained(tmp)
+        info = {"task": ctx.cfg.model.task, "labels": ctx.labels, "model": ctx.cfg.model.name, "quant": ctx.cfg.quant.mode}
+        (tmp / RUN_INFO).write_text(json.dumps(info, indent=1))  # what PEFT's format leaves out, for `lorafit.merge`
     ctx.summary["adapter_dir"] = str(out)
 
 
@@ -57,8 +54,8 @@ def spectrum(ctx: RunContext) -> None:
                          base=base.from_model(ctx.model, config.get("fan_in_fan_out", False)))
     files = report.write(doc, ctx.run_dir / "analysis", plots=hook.plots)
     ctx.summary["spectrum"] = {"dir": str(ctx.run_dir / "analysis"), "modules": len(doc["modules"]),
-                               "mean_effective_rank": _mean(m["effective_rank"] for m in doc["modules"]),
-                               "mean_r90": _mean(m["r90"] for m in doc["modules"]),
+                               "mean_effective_rank": mean(m["effective_rank"] for m in doc["modules"]),
+                               "mean_r90": mean(m["r90"] for m in doc["modules"]),
                                "advice": doc["advice"].get("override"), "summary": report.summary_line(doc)}
     _log_analysis(ctx, doc, [f for f in files if f.suffix == ".png"])
 
@@ -100,10 +97,6 @@ def _with_save_adapter(ctx: RunContext) -> RunContext:
     cfg = OmegaConf.merge(ctx.cfg, {"hooks": {"save_adapter": {"dir": "adapter"}}})
     return RunContext(**{**ctx.__dict__, "cfg": cfg})
 
-
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values) if values else 0.0
 
 
 HOOK_ORDER = {"save_adapter": save_adapter, "spectrum": spectrum, "merge": merge}

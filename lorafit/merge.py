@@ -20,16 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
 from lorafit.cli import user_errors_as_one_line
-from lorafit.config import UserError
+from lorafit.checkpoint import atomic_dir
+from lorafit.config import MERGE_DTYPES, UserError
 
-MERGE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 1e-2}  # max abs logit diff, relative to the logits' scale
 PROBE_TEXTS = ["Shares in the bank rose after profits beat forecasts.", "The striker scored twice in the final.",
                "A new phone chip promises longer battery life.", "Parliament votes on the budget next week."]
@@ -94,8 +93,11 @@ def merge_and_verify(base_model, adapter_dirs: list[Path], out_dir: Path, probe:
                         f"{report['max_abs_diff_merged_vs_unmerged']:.3g} > {report['tolerance']:.3g}; nothing was saved")
     if tied and not report["tied_embeddings"]:
         raise UserError("merge untied the input and output embeddings; nothing was saved")
-    _save_atomically(out_dir, lambda tmp: (merged_model.save_pretrained(tmp, safe_serialization=True),
-                                           tokenizer.save_pretrained(tmp) if tokenizer is not None else None), report)
+    with atomic_dir(out_dir) as tmp:
+        merged_model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "merge_report.json").write_text(json.dumps(report, indent=1))
     return report
 
 
@@ -103,15 +105,6 @@ def _tied(model) -> bool:
     out, inp = model.get_output_embeddings(), model.get_input_embeddings()
     return out is not None and inp is not None and out.weight.data_ptr() == inp.weight.data_ptr()
 
-
-def _save_atomically(out_dir: Path, write, report: dict) -> None:
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    (tmp / "merge_report.json").write_text(json.dumps(report, indent=1))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
 
 
 # --- streaming merge: bounded memory for sharded checkpoints ------------------------------------------------------
@@ -143,45 +136,46 @@ def stream_merge(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str | 
     saved = {k.removeprefix("base_model.model."): v for k, v in state.items() if ".lora_" not in k}  # modules_to_save
     replaced = {_match(k.removesuffix(".weight").removesuffix(".bias"), keys) or k: v for k, v in saved.items()}
     fan_in_fan_out, out_dtype = config.get("fan_in_fan_out", False), DTYPES[MERGE_DTYPES[dtype]] if dtype else None
-    check, g = 0.0, torch.Generator().manual_seed(0)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for shard in tqdm(shards, desc="merge shards", disable=len(shards) < 2):
-        header, start = _header(shard)
-        with open(shard, "rb") as src:
-            def merged_tensors():  # one tensor at a time: peak memory ~ the largest tensor, not the shard
-                nonlocal check
-                for key, meta in header.items():
-                    W = _read(src, meta, start)
-                    if key in targets:
-                        f = targets[key]
-                        delta = (f.B @ f.A) * f.scale  # peft's order of operations: bitwise equal in fp32
-                        delta = delta.T if fan_in_fan_out or f.kind == "embedding" else delta
-                        merged = (W.float() + delta).to(W.dtype)
-                        del delta
-                        check = max(check, _probe_module(W, merged, f, fan_in_fan_out, g, probes))
-                        W = merged
-                    elif key in replaced:
-                        W = replaced.pop(key).to(W.dtype)
-                    yield key, W.to(out_dtype) if out_dtype is not None and W.is_floating_point() else W
-
-            _write_streaming(tmp / shard.name, header, merged_tensors(), out_dtype)
-    if replaced:
-        raise UserError(f"--stream: the base has no tensors {sorted(replaced)[:3]} that the adapter saves in full")
-    for extra in base_dir.iterdir():  # config, tokenizer, shard index: unchanged
-        if extra.is_file() and extra.suffix != ".safetensors":
-            shutil.copy2(extra, tmp / extra.name)
-    if out_dtype is not None and (tmp / "config.json").is_file():
-        cfg = json.loads((tmp / "config.json").read_text())
-        cfg["dtype"] = cfg["torch_dtype"] = MERGE_DTYPES[dtype]
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-    report = {"mode": "stream", "shards": len(shards), "merged_modules": len(targets),
-              "max_abs_diff_module_probe": check, "dtype": dtype or "as base"}
-    (tmp / "merge_report.json").write_text(json.dumps(report, indent=1))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    probe_errors, g = [], torch.Generator().manual_seed(0)
+    with atomic_dir(out_dir) as tmp:
+        for shard in tqdm(shards, desc="merge shards", disable=len(shards) < 2):
+            header, start = _header(shard)
+            with open(shard, "rb") as src:
+                tensors = _merged_tensors(src, header, start, targets, replaced, fan_in_fan_out, out_dtype,
+                                          probe_errors, g, probes)
+                _write_streaming(tmp / shard.name, header, tensors, out_dtype)
+        if replaced:
+            raise UserError(f"--stream: the base has no tensors {sorted(replaced)[:3]} that the adapter saves in full")
+        for extra in base_dir.iterdir():  # config, tokenizer, shard index: unchanged
+            if extra.is_file() and extra.suffix != ".safetensors":
+                shutil.copy2(extra, tmp / extra.name)
+        if out_dtype is not None and (tmp / "config.json").is_file():
+            cfg = json.loads((tmp / "config.json").read_text())
+            cfg["dtype"] = cfg["torch_dtype"] = MERGE_DTYPES[dtype]
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        report = {"mode": "stream", "shards": len(shards), "merged_modules": len(targets),
+                  "max_abs_diff_module_probe": max(probe_errors, default=0.0), "dtype": dtype or "as base"}
+        (tmp / "merge_report.json").write_text(json.dumps(report, indent=1))
     return report
+
+
+def _merged_tensors(src, header: dict, start: int, targets: dict, replaced: dict, fan_in_fan_out: bool, out_dtype,
+                    probe_errors: list, g, probes: int):
+    """One shard's tensors, one at a time (peak memory ~ the largest tensor, not the shard), with s·B·A added to the
+    targeted ones, each merged module's probe error appended to `probe_errors`, and modules_to_save swapped in."""
+    for key, meta in header.items():
+        W = _read(src, meta, start)
+        if key in targets:
+            f = targets[key]
+            delta = (f.B @ f.A) * f.scale  # peft's order of operations: bitwise equal in fp32
+            delta = delta.T if fan_in_fan_out or f.kind == "embedding" else delta
+            merged = (W.float() + delta).to(W.dtype)
+            del delta
+            probe_errors.append(_probe_module(W, merged, f, fan_in_fan_out, g, probes))
+            W = merged
+        elif key in replaced:
+            W = replaced.pop(key).to(W.dtype)
+        yield key, W.to(out_dtype) if out_dtype is not None and W.is_floating_point() else W
 
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
@@ -322,13 +316,8 @@ def main(argv=None) -> dict:
     info = _run_info(dirs[0], state, config)
     cfg = OmegaConf.merge(OmegaConf.structured(Config), {"model": {"name": base, "task": info["task"]},
                                                           "quant": {"mode": info.get("quant", "none")}})
-    if (dirs[0] / "tokenizer_config.json").is_file():  # lorafit saves the tokenizer beside the adapter
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(dirs[0])
-        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    else:
-        tokenizer = build_tokenizer(cfg.model)
+    # lorafit saves the tokenizer beside the adapter; otherwise the base's
+    tokenizer = build_tokenizer(cfg.model, dirs[0] if (dirs[0] / "tokenizer_config.json").is_file() else None)
     enc = tokenizer(PROBE_TEXTS, truncation=True, max_length=64)
     probe = collate([{k: enc[k][i] for k in enc} for i in range(len(PROBE_TEXTS))], tokenizer.pad_token_id)
     report = merge_and_verify(merge_base(cfg, info.get("labels"), args.dtype), dirs, out, probe, args.dtype, tokenizer,

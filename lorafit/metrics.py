@@ -13,6 +13,12 @@ import numpy as np
 BINARY_F1_TASKS = ("mrpc", "qqp")
 
 
+def mean(xs) -> float:
+    """Mean of the values that are set (nan when none is)."""
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
 def primary_metric(cfg) -> tuple[str, bool]:
     """(metric name, higher is better) for this config."""
     if cfg.model.task == "causal_lm":

@@ -165,11 +165,12 @@ def _auto_class(task: str):
     return AutoModelForSequenceClassification if task == "seq_cls" else AutoModelForCausalLM
 
 
-def build_tokenizer(cfg_model):
+def build_tokenizer(cfg_model, path: str | Path | None = None):
+    """The model's tokenizer (or the one saved in `path`, e.g. beside an adapter), padding on the right."""
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(resolve(cfg_model.name), trust_remote_code=cfg_model.trust_remote_code,
+        tok = AutoTokenizer.from_pretrained(path or resolve(cfg_model.name), trust_remote_code=cfg_model.trust_remote_code,
                                             revision=cfg_model.revision)
     except (OSError, ValueError) as e:
         raise _hub_error(cfg_model, e) from None

@@ -20,6 +20,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 
 from lorafit.cli import user_errors_as_one_line
+from lorafit.metrics import mean
 
 
 class SweepCallback(Callback):
@@ -57,7 +58,7 @@ def recommend(runs: list[dict], tolerance: float) -> dict:
     if not lora:
         return {}
     name = lora[0]["metric_name"]
-    means = {r: _mean([x["metric"] for x in lora if x["r"] == r]) for r in sorted({x["r"] for x in lora})}
+    means = {r: mean([x["metric"] for x in lora if x["r"] == r]) for r in sorted({x["r"] for x in lora})}
     higher = _higher_is_better(name)
     best = max(means.values()) if higher else min(means.values())
     slack = tolerance if higher else tolerance * best
@@ -65,13 +66,8 @@ def recommend(runs: list[dict], tolerance: float) -> dict:
     return {"metric": name, "best": best, "tolerance": slack, "recommended_r": min(ok), "means": means}
 
 
-def _mean(xs):
-    xs = [x for x in xs if x is not None]
-    return sum(xs) / len(xs) if xs else float("nan")
-
-
 def _std(xs):
-    m = _mean(xs)
+    m = mean(xs)
     return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
 
 
@@ -86,8 +82,8 @@ def spectra(runs: list[dict]) -> dict:
         for t in dict.fromkeys(m["type"] for m in mods):
             g = [m for m in mods if m["type"] == t]
             out.setdefault(run["r"], {}).setdefault(t, []).append(
-                (_mean([m["effective_rank"] for m in g]), _mean([m["r90"] for m in g])))
-    return {r: {t: tuple(_mean(v[i] for v in vals) for i in (0, 1)) for t, vals in ts.items()} for r, ts in out.items()}
+                (mean([m["effective_rank"] for m in g]), mean([m["r90"] for m in g])))
+    return {r: {t: tuple(mean(v[i] for v in vals) for i in (0, 1)) for t, vals in ts.items()} for r, ts in out.items()}
 
 
 def phi_vs_largest(runs: list[dict]) -> dict:
@@ -120,7 +116,7 @@ def phi_vs_largest(runs: list[dict]) -> dict:
         for name in mine.keys() & theirs.keys():
             phi = subspace_similarity(mine[name], theirs[name])
             out.setdefault(run["r"], {}).setdefault(name, []).append((float(phi[0, 0]), float(phi[-1, -1])))
-    return {r: {n: tuple(_mean(v[i] for v in vals) for i in (0, 1)) for n, vals in mods.items()} for r, mods in out.items()}
+    return {r: {n: tuple(mean(v[i] for v in vals) for i in (0, 1)) for n, vals in mods.items()} for r, mods in out.items()}
 
 
 def write_report(sweep_dir: Path, tolerance: float = 0.005) -> Path:
@@ -149,11 +145,11 @@ def _advisor(runs) -> dict | None:
 
 
 def _plots(runs, rec, spec, phi, out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from lorafit.analysis.plots import plt_agg, save as save_figure
+
+    plt = plt_agg()
 
     lora = [r for r in runs if r["status"] == "done" and r.get("method") == "lora"]
     full = [r for r in runs if r["status"] == "done" and r.get("method") == "full"]
@@ -162,18 +158,14 @@ def _plots(runs, rec, spec, phi, out: Path) -> list[str]:
     by_r = {r: [x for x in lora if x["r"] == r] for r in ranks}
 
     def save(fig, filename: str, tight: bool = True) -> None:
-        if tight:
-            fig.tight_layout()
-        fig.savefig(out / filename, dpi=110)
-        plt.close(fig)
-        images.append(filename)
+        images.append(save_figure(fig, out / filename, tight).name)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    means = [_mean([x["metric"] for x in by_r[r]]) for r in ranks]
+    means = [mean([x["metric"] for x in by_r[r]]) for r in ranks]
     stds = [_std([x["metric"] for x in by_r[r]]) for r in ranks]
     ax.errorbar(ranks, means, yerr=stds, marker="o", capsize=3, label="LoRA (mean ± std over seeds)")
     if full:
-        m = _mean([x["metric"] for x in full])
+        m = mean([x["metric"] for x in full])
         ax.axhline(m, color="k", ls="--", lw=1, label=f"full fine-tuning ({m:.4f})")
     ax.axvline(rec["recommended_r"], color="tab:green", ls=":", label=f"recommended r={rec['recommended_r']}")
     ax.set(xscale="log", xlabel="LoRA rank r", ylabel=f"eval {name}", title=f"{name} against rank")
@@ -182,7 +174,7 @@ def _plots(runs, rec, spec, phi, out: Path) -> list[str]:
     save(fig, "metric_vs_rank.png")
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
-    params = [_mean([x["trainable_params"] for x in by_r[r]]) for r in ranks]
+    params = [mean([x["trainable_params"] for x in by_r[r]]) for r in ranks]
     a1.plot(ranks, params, marker="o")
     a1.set(xscale="log", yscale="log", xlabel="r", ylabel="trainable parameters", title="trainable parameters")
     a2.plot(ranks, [m / (p / 1e6) for m, p in zip(means, params)], marker="o", color="tab:orange")
@@ -258,7 +250,7 @@ def _markdown(runs, rec, spec, phi, advisor, images) -> str:
         for r in sorted(phi):
             for t in dict.fromkeys(module_type(n) for n in phi[r]):
                 vals = [v for n, v in phi[r].items() if module_type(n) == t]
-                lines.append(f"| {r} | {t} | {_mean([v[0] for v in vals]):.3f} | {_mean([v[1] for v in vals]):.3f} |")
+                lines.append(f"| {r} | {t} | {mean([v[0] for v in vals]):.3f} | {mean([v[1] for v in vals]):.3f} |")
     lines += [""] + [f"![{i}]({i})" for i in images]
     return "\n".join(lines) + "\n"
 

@@ -7,13 +7,23 @@ from pathlib import Path
 import numpy as np
 
 
-def _plt():
+def plt_agg():
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save(fig, path: Path, tight: bool = True) -> Path:
+    """Write a figure as PNG and free it."""
+    plt = plt_agg()
+    if tight:
+        fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _by_type(doc: dict) -> dict[str, list[dict]]:
@@ -30,7 +40,7 @@ def _padded(rows: list[list[float]]) -> np.ndarray:
 
 def decay(doc: dict, path: Path) -> Path:
     """Normalized singular values σᵢ/σ₁ per module type: median over layers, with the min-max band."""
-    plt = _plt()
+    plt = plt_agg()
     fig, ax = plt.subplots(figsize=(6, 4))
     for t, ms in _by_type(doc).items():
         s = _padded([(np.array(m["singular_values"]) / max(m["singular_values"][0], 1e-30)).tolist() for m in ms])
@@ -40,15 +50,12 @@ def decay(doc: dict, path: Path) -> Path:
     ax.set(xlabel="singular value index i", ylabel="σᵢ / σ₁", yscale="log", title="Spectrum of ΔW = s·B·A")
     ax.axhline(0.1, color="grey", ls=":", lw=1)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def energy(doc: dict, path: Path) -> Path:
     """Cumulative energy Σ_{i≤k}σᵢ²/Σσ² per module type, with the 90% and 99% lines."""
-    plt = _plt()
+    plt = plt_agg()
     fig, ax = plt.subplots(figsize=(6, 4))
     for t, ms in _by_type(doc).items():
         e = _padded([(np.cumsum(np.square(m["singular_values"])) / max(np.square(m["singular_values"]).sum(), 1e-30)).tolist()
@@ -59,10 +66,7 @@ def energy(doc: dict, path: Path) -> Path:
         ax.text(1, level, f" {level:.0%}", va="bottom", fontsize=8, color="grey")
     ax.set(xlabel="rank k", ylabel="energy kept by the top k", ylim=(0, 1.02), title="Cumulative energy of ΔW (median over layers)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def heatmap(doc: dict, path: Path, key: str = "effective_rank") -> Path | None:
@@ -70,7 +74,7 @@ def heatmap(doc: dict, path: Path, key: str = "effective_rank") -> Path | None:
     ms = [m for m in doc["modules"] if m["layer"] is not None]
     if not ms:
         return None
-    plt = _plt()
+    plt = plt_agg()
     types, layers = list(dict.fromkeys(m["type"] for m in ms)), sorted({m["layer"] for m in ms})
     grid = np.full((len(layers), len(types)), np.nan)
     for m in ms:
@@ -84,15 +88,12 @@ def heatmap(doc: dict, path: Path, key: str = "effective_rank") -> Path | None:
             if not np.isnan(v):
                 ax.text(c, r, f"{v:.1f}", ha="center", va="center", fontsize=7, color="w")
     fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def phi(doc: dict, out_dir: Path) -> list[Path]:
     """φ(i, j) per compared adapter: one panel per module type, averaged over layers (as the LoRA paper's Fig. 3)."""
-    plt, paths = _plt(), []
+    plt, paths = plt_agg(), []
     labels = list(dict.fromkeys(l for m in doc["modules"] for l in m.get("phi", {})))
     for label in labels:
         groups = {t: [np.array(m["phi"][label]) for m in ms if label in m.get("phi", {})] for t, ms in _by_type(doc).items()}
@@ -105,9 +106,7 @@ def phi(doc: dict, out_dir: Path) -> list[Path]:
         fig.colorbar(im, ax=axes[0].tolist())
         fig.suptitle(f"subspace similarity φ(i, j) vs {label}")
         path = out_dir / f"phi_{''.join(c if c.isalnum() else '_' for c in label)}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save(fig, path, tight=False))  # constrained layout already
     return paths
 
 

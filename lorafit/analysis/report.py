@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lorafit.config import UserError
+from lorafit.metrics import mean
 
 from lorafit.analysis.spectrum import (base_metrics, dora_delta, energy_rank, layer_index, lora_factors, lowrank_svd,
                                        module_type, spectrum_metrics, subspace_similarity)
@@ -110,11 +111,6 @@ def write(doc: dict, out_dir: Path, plots: bool = True) -> list[Path]:
     return written + [out_dir / "report.md"]
 
 
-def _mean(xs) -> float:
-    xs = [x for x in xs if x is not None]
-    return sum(xs) / len(xs) if xs else float("nan")
-
-
 def summary_line(doc: dict) -> str:
     ms, adv = doc["modules"], doc["advice"]
     if not ms:
@@ -122,8 +118,8 @@ def summary_line(doc: dict) -> str:
     ranks = sorted({m["rank"] for m in ms})
     saving = 1 - adv["params_rank_pattern"] / adv["params_now"] if adv["params_now"] else 0.0
     return (f"Across {len(ms)} adapted modules (rank {', '.join(map(str, ranks))}), ΔW has a mean effective rank of "
-            f"{_mean(m['effective_rank'] for m in ms):.1f}, and {doc['energy_target']:.0%} of its energy lies in the top "
-            f"{_mean(m['suggested_rank'] for m in ms):.1f} directions on average. A global r={adv['global_r']} keeps that "
+            f"{mean(m['effective_rank'] for m in ms):.1f}, and {doc['energy_target']:.0%} of its energy lies in the top "
+            f"{mean(m['suggested_rank'] for m in ms):.1f} directions on average. A global r={adv['global_r']} keeps that "
             f"much energy in {adv['modules_meeting_target_at_global_r']:.0%} of modules; a per-module rank_pattern keeps it "
             f"in all of them with {saving:.0%} fewer adapter parameters.")
 
@@ -144,12 +140,12 @@ def markdown(doc: dict, images: list[str]) -> str:
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if with_base else "")]
     for t in dict.fromkeys(m["type"] for m in ms):
         g = [m for m in ms if m["type"] == t]
-        row = (f"| {t} | {len(g)} | {_mean(m['rank'] for m in g):.0f} | {_mean(m['effective_rank'] for m in g):.2f} | "
-               f"{_mean(m['r90'] for m in g):.1f} | {_mean(m['r99'] for m in g):.1f} | {_mean(m['stable_rank'] for m in g):.2f} | "
-               f"{_mean(m['fro_norm'] for m in g):.3g} |")
+        row = (f"| {t} | {len(g)} | {mean(m['rank'] for m in g):.0f} | {mean(m['effective_rank'] for m in g):.2f} | "
+               f"{mean(m['r90'] for m in g):.1f} | {mean(m['r99'] for m in g):.1f} | {mean(m['stable_rank'] for m in g):.2f} | "
+               f"{mean(m['fro_norm'] for m in g):.3g} |")
         if with_base:
-            row += (f" {_mean(m.get('base', {}).get('delta_over_w0') for m in g):.3g} |"
-                    f" {_mean(m.get('base', {}).get('amplification') for m in g):.3g} |")
+            row += (f" {mean(m.get('base', {}).get('delta_over_w0') for m in g):.3g} |"
+                    f" {mean(m.get('base', {}).get('amplification') for m in g):.3g} |")
         lines.append(row)
     lines += ["", "## Per layer", "", "| module | eff. rank | r90 | r99 | ‖ΔW‖_F | σ₁ | σ₁/σ_r | suggested r |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
