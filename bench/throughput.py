@@ -10,7 +10,7 @@ Comparisons
 Each run is a fresh subprocess that reports its own peak RSS; throughput counts training steps only (evaluation
 is timed separately on both sides). Ratios are lorafit / peer, the median over alternating pairs.
 
-    .venv/bin/python bench/throughput.py [--jobs a b] [--pairs 2] [--steps-a 60] [--steps-b 20] [--tiny]
+    .venv/bin/python bench/throughput.py [--jobs a b] [--pairs 2] [--steps-a 60] [--steps-b 40] [--tiny]
 """
 
 from __future__ import annotations
@@ -61,9 +61,10 @@ def job_settings(job: str, steps: int, work: Path, tiny: bool) -> dict:
     if job == "a":
         return {"model": "tiny-bert" if tiny else "minilm-l6", "task": "seq_cls", "steps": steps, "batch": 16,
                 "max_length": 128, "lr": 1e-3, "targets": ["query", "value"], "eval_size": 64 if tiny else 500}
-    train, ev = sft_files(work, 96 if tiny else 400, 16 if tiny else 32)
+    # Exactly one epoch (steps x batch rows): both sides then see the same rows, so samples/s compare like for like.
+    train, ev = sft_files(work, 96 if tiny else steps * 4, 16 if tiny else 32)
     return {"model": "tiny-llama" if tiny else "smollm2-135m", "task": "causal_lm", "steps": steps, "batch": 4,
-            "max_length": 256, "lr": 2e-4, "targets": ["q_proj", "v_proj"], "train_file": str(train),
+            "max_length": 512, "lr": 2e-4, "targets": ["q_proj", "v_proj"], "train_file": str(train),
             "eval_file": str(ev)}
 
 
@@ -119,7 +120,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--jobs", nargs="+", default=["a", "b"], choices=["a", "b"])
     p.add_argument("--pairs", type=int, default=2)
     p.add_argument("--steps-a", type=int, default=60)
-    p.add_argument("--steps-b", type=int, default=20)
+    p.add_argument("--steps-b", type=int, default=40)
     p.add_argument("--tiny", action="store_true", help="tiny models and few steps: checks the harness, not speed")
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="lorafit-bench-"))

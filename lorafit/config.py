@@ -43,6 +43,8 @@ class ModelConfig:
     revision: Optional[str] = None
     gradient_checkpointing: bool = False
     dropout: Optional[float] = None  # override the checkpoint's own dropout probabilities (None keeps them)
+    attn_implementation: Optional[str] = None  # sdpa | eager | flash_attention_2 ...; None: transformers' default
+    fast_dropout: bool = True  # CPU dropout masks from cheap 16-bit draws (lorafit/dropout.py); false: torch's own
 
 
 @dataclass
@@ -58,6 +60,7 @@ class DataConfig:
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
     group_by_length: bool = False  # batch rows of similar length (less padding; exact: nothing crosses rows)
+    packing: bool = False  # causal LM: a micro-batch's rows back to back in one row, no padding (exact: see collate)
 
 
 @dataclass
@@ -239,6 +242,8 @@ def validate(cfg) -> None:
         errors.append(f"data.text_columns={list(d.text_columns)} must name one column, or two for sentence pairs")
     if d.source == "sft" and m.task != "causal_lm":
         errors.append("data.source=sft needs model.task=causal_lm")
+    if d.packing and m.task != "causal_lm":
+        errors.append(f"data.packing=true needs model.task=causal_lm (it is {m.task}); set data.packing=false")
     if d.source == "glue" and m.task != "seq_cls":
         errors.append("data.source=glue needs model.task=seq_cls")
 

@@ -233,8 +233,18 @@ def _encode_sft(batch, tokenizer, max_len: int) -> dict:
     return out
 
 
-def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad to the longest row of this batch: ids with pad_id, masks with 0, token labels with -100."""
+def collate(rows: list[dict], pad_id: int, pack: bool = False) -> dict[str, torch.Tensor]:
+    """Pad to the longest row of this batch: ids with pad_id, masks with 0, token labels with -100.
+
+    With pack (causal LM), the rows go back to back in one padding-free row instead, with position_ids restarting
+    at 0 for each and no attention_mask: transformers then keeps attention inside each row (a block-diagonal causal
+    mask with sdpa/eager, varlen kernels with flash attention), so the loss equals the padded batch's.
+    """
+    if pack:
+        labels = [[-100] + r["labels"][1:] for r in rows]  # a row's first token is no target of the previous row's last
+        return {"input_ids": torch.tensor([sum((r["input_ids"] for r in rows), [])]),
+                "position_ids": torch.tensor([sum((list(range(len(r["input_ids"]))) for r in rows), [])]),
+                "labels": torch.tensor([sum(labels, [])])}
     width = max(len(r["input_ids"]) for r in rows)
     batch = {}
     for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("token_type_ids", 0), ("labels", -100)):
@@ -245,3 +255,4 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         else:  # one label per row: an int class or a float regression target
             batch[key] = torch.tensor([r[key] for r in rows])
     return batch
+

@@ -29,7 +29,9 @@ from lorafit.cli import user_errors_as_one_line
 from lorafit.checkpoint import atomic_dir
 from lorafit.config import MERGE_DTYPES, UserError
 
-TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 1e-2}  # max abs logit diff, relative to the logits' scale
+# Max abs logit diff, relative to the logits' scale. A wrong merge (scaling, transposition, a missed module) is off
+# by O(1); fp32 rounding alone reached 1.6e-4 on a tiny model trained at a high lr (float64: exact), hence 1e-3.
+TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2, "fp16": 1e-2}
 PROBE_TEXTS = ["Shares in the bank rose after profits beat forecasts.", "The striker scored twice in the final.",
                "A new phone chip promises longer battery life.", "Parliament votes on the budget next week."]
 RUN_INFO = "lorafit.json"  # beside an adapter: task and label names, which PEFT's format does not carry

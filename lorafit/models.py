@@ -202,6 +202,8 @@ def build_model(cfg, labels: list[str] | None = None, quantize: bool = True):
     m = cfg.model
     kwargs = dict(dtype=DTYPES[m.dtype], trust_remote_code=m.trust_remote_code, revision=m.revision,
                   use_safetensors=True)
+    if m.attn_implementation is not None:  # flash_attention_2 also turns data.packing into varlen attention on GPU
+        kwargs["attn_implementation"] = m.attn_implementation
     if m.task == "seq_cls":
         regression = labels is not None and len(labels) == 1
         # A checkpoint's own head (another label count) is replaced: the head is trained with the adapter anyway.

@@ -97,6 +97,10 @@ def run(cfg, run_dir: Path | None = None) -> float:
     train_ds, eval_ds = data.tokenize(splits, tokenizer, cfg)
     set_seed(cfg.train.seed)  # before the model: LoRA's A init is random
     model = adapters.attach_lora(models.build_model(cfg, splits.labels), cfg)
+    if cfg.model.fast_dropout:  # after attach_lora, so LoRA's own dropout layers are swapped too
+        from lorafit import dropout
+
+        dropout.install(model)
     params = adapters.parameter_report(model)
     accelerator.print(adapters.format_parameter_report(params))
 

@@ -11,6 +11,7 @@ Design choices worth knowing:
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import time
@@ -45,15 +46,31 @@ class TrainResult:
 
 def loss_sum(model, batch: dict, task: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of per-target losses per row, targets per row): the caller decides what to normalize by."""
-    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
-    labels = batch["labels"]
+    inputs, labels = {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
     if task == "causal_lm":
-        logits, labels = logits[:, :-1], labels[:, 1:]  # token t predicts token t+1
-        losses = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
-        return losses.sum(1), (labels != -100).sum(1)
+        targets = labels[:, 1:]  # token t predicts token t+1
+        keep = F.pad(targets != -100, (0, 1))  # the positions that predict a target
+        inputs["use_cache"] = False  # no KV cache to build; and with one, transformers ignores packed position_ids
+        if _takes_logit_mask(model):
+            # Only those go through the LM head: in SFT most positions are prompt, and the head (vocab x hidden)
+            # is the largest matmul of a small LM. Same loss, a fraction of the head's compute and logits memory.
+            logits = model(**inputs, logits_to_keep=keep).logits.float()  # (targets in the batch, vocab)
+        else:
+            logits = model(**inputs).logits.float()[keep]
+        losses = F.cross_entropy(logits, targets[targets != -100], reduction="none")
+        per_row = torch.zeros(len(labels), dtype=losses.dtype, device=losses.device)
+        return per_row.index_add_(0, keep.nonzero()[:, 0], losses), keep.sum(1)
+    logits = model(**inputs).logits.float()
     if logits.shape[-1] == 1:  # regression head (STS-B)
         return (logits.squeeze(-1) - labels.float()) ** 2, torch.ones_like(labels, dtype=torch.long)
     return F.cross_entropy(logits, labels, reduction="none"), torch.ones_like(labels)
+
+
+def _takes_logit_mask(model) -> bool:
+    """Does this causal LM accept a boolean logits_to_keep mask (transformers' own models do; remote code may not)?"""
+    inner = getattr(model, "module", model)  # DDP / DeepSpeed wrappers
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
 def build_optimizer(model, cfg):
@@ -95,11 +112,11 @@ def evaluate(model, loader, cfg, accelerator) -> dict:
     return {**out, "n": len(res)}  # rows evaluated: each exactly once, however many processes
 
 
-def _loader(ds, batch_size, order, pad_id, accelerator, drop_last):
+def _loader(ds, batch_size, order, pad_id, accelerator, drop_last, pack=False):
     # Its own generator: a DataLoader otherwise draws a seed from the global RNG at every iter(), which would
     # shift the dropout masks of a resumed run (it starts a fresh iterator right after restoring the RNG).
     dl = DataLoader(ds, batch_size=batch_size, sampler=order, drop_last=drop_last, generator=torch.Generator(),
-                    collate_fn=partial(collate, pad_id=pad_id))
+                    collate_fn=partial(collate, pad_id=pad_id, pack=pack))
     return prepare_data_loader(dl, accelerator.device, num_processes=accelerator.num_processes,
                                process_index=accelerator.process_index, put_on_device=True)
 
@@ -134,7 +151,7 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
         epoch, skip = divmod(first, per_epoch)
         while True:
             order = epoch_order(len(train_ds), t.batch_size * nproc, t.seed + epoch, lengths)
-            loader = _loader(train_ds, t.batch_size, order, pad_id, accelerator, True)
+            loader = _loader(train_ds, t.batch_size, order, pad_id, accelerator, True, cfg.data.packing)
             yield from (accelerator.skip_first_batches(loader, skip) if skip else loader)
             epoch, skip = epoch + 1, 0
 
@@ -153,8 +170,9 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
                 losses, _ = loss_sum(model, batch, task)
                 accelerator.backward(losses.sum() * nproc / n_global)
             step_loss += losses.sum().detach()
-            res.samples += len(batch["input_ids"]) * nproc
-            tokens += batch["attention_mask"].sum() * nproc  # a tensor: no host sync per micro-batch
+            res.samples += t.batch_size * nproc  # drop_last: every micro-batch is full
+            # Non-pad tokens, as a tensor: no host sync per micro-batch. A packed batch has no padding at all.
+            tokens += (batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()) * nproc
         grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
         if not (torch.isfinite(step_loss) and torch.isfinite(grad_norm)):  # one host sync per step: cheap insurance
             if t.on_nonfinite == "stop":

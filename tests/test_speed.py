@@ -31,6 +31,88 @@ def test_padded_batch_losses_equal_each_row_alone():
     assert torch.allclose(together, torch.cat([a[0] for a in alone]), rtol=1e-5, atol=1e-5)
 
 
+def _sft_rows(lengths, prompt_len=lambda n: n // 2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in lengths:
+        ids = torch.randint(5, 900, (n,), generator=g).tolist()
+        rows.append({"input_ids": ids, "attention_mask": [1] * n, "labels": [-100] * prompt_len(n) + ids[prompt_len(n):]})
+    return rows
+
+
+def test_packed_batch_gives_the_padded_batch_logits_and_loss():
+    """Packing is exact: attention stays inside each row, positions restart, and no row's first token is a target."""
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.data import collate
+    from lorafit.models import resolve
+
+    model = AutoModelForCausalLM.from_pretrained(resolve("tiny-llama")).eval()
+    lengths = (5, 17, 33, 9)
+    rows = _sft_rows(lengths)
+    packed = collate(rows, pad_id=0, pack=True)
+    assert packed["input_ids"].shape == (1, sum(lengths)) and "attention_mask" not in packed
+    with torch.no_grad():
+        logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits[0]
+        starts = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+        for r, a, b in zip(rows, starts, starts[1:]):  # each row alone, no padding at all
+            alone = model(input_ids=torch.tensor([r["input_ids"]])).logits[0]
+            assert torch.allclose(logits[a:b], alone, rtol=1e-5, atol=1e-5)
+        loss_packed, n_packed = loss_sum(model, packed, "causal_lm")
+        loss_padded, n_padded = loss_sum(model, collate(rows, pad_id=0), "causal_lm")
+    assert n_packed.sum() == n_padded.sum() == sum(n - n // 2 for n in lengths)
+    assert torch.allclose(loss_packed.sum(), loss_padded.sum(), rtol=1e-6)
+
+
+def test_lm_head_on_target_positions_only_gives_the_full_loss_and_gradient():
+    """loss_sum sends only target positions through the LM head; the loss and LoRA gradients are the full ones."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.data import collate
+    from lorafit.models import resolve
+    from lorafit.train import _takes_logit_mask
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(resolve("tiny-llama"))
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    assert _takes_logit_mask(model)
+    batch = collate(_sft_rows((12, 30, 7), prompt_len=lambda n: n - 3), pad_id=0)
+
+    def full_loss():  # the plain way: logits everywhere, cross-entropy with ignore_index
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], reduction="sum")
+
+    grads = []
+    for compute in (lambda: loss_sum(model, batch, "causal_lm")[0].sum(), full_loss):
+        model.zero_grad()
+        loss = compute()
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (l1, g1), (l2, g2) = grads
+    assert torch.allclose(l1, l2, rtol=1e-6)
+    assert all((a - b).abs().max() <= 1e-5 * b.abs().max() for a, b in zip(g1, g2))  # float32 summation order only
+    assert loss_sum(model, batch, "causal_lm")[1].tolist() == [3, 3, 3]
+
+
+def test_packed_training_matches_padded_training(tmp_path, write_jsonl):
+    from conftest import TINY_LM, run_inprocess
+
+    from safetensors.torch import load_file
+
+    rows = [{"prompt": "word " * (i % 23 + 1), "response": f"answer {i}"} for i in range(48)]
+    train, ev = write_jsonl("t.jsonl", rows), write_jsonl("e.jsonl", rows[:8])
+    common = [*TINY_LM, "data=sft", f"data.train_file={train}", f"data.eval_file={ev}", "train.max_steps=4",
+              "train.lr=1e-3", "hooks=[save_adapter]"]
+    (padded, sp), (packed, sk) = (run_inprocess(tmp_path / d, *common, f"data.packing={d == 'packed'}")
+                                  for d in ("padded", "packed"))
+    assert abs(sp["eval"]["loss"] - sk["eval"]["loss"]) < 1e-5
+    a, b = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (padded, packed))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    per_sample = lambda s: s["tokens_per_s"] / s["samples_per_s"]  # the same rows and non-pad tokens counted
+    assert per_sample(sk) == pytest.approx(per_sample(sp), rel=1e-9)
+
+
 def test_length_grouped_order_is_a_deterministic_grouped_permutation():
     g = torch.Generator().manual_seed(1)
     lengths = torch.randint(4, 500, (1000,), generator=g).tolist()
@@ -82,3 +164,81 @@ def test_throughput_benchmark_runs_in_tiny_mode(capsys):
         assert r["samples_per_s"] > 0 and r["rss"] > 0 and r["runs"]["peer"][0]["eval"][r["metric"]] > 0
     out = capsys.readouterr().out
     assert "samples/s" in out and "python -m lorafit --cfg job" in out
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
+def test_fast_dropout_drops_p_and_stays_unbiased(p):
+    from lorafit.dropout import fast_dropout
+
+    torch.manual_seed(0)
+    x = torch.randn(400_000, requires_grad=True)
+    y = fast_dropout(x, p)
+    dropped = (y == 0).double().mean().item()
+    assert abs(dropped - p) < 4 * (p * (1 - p) / x.numel()) ** 0.5 + 1 / 65536  # binomial noise + the 1/65536 rounding
+    kept = y != 0
+    scale = (y[kept] / x[kept]).detach()
+    assert torch.allclose(scale, torch.full_like(scale, 1 / (1 - round(p * 65536) / 65536)))  # E[y] = x
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad, torch.where(kept, scale[0], 0.0))  # the same mask in backward
+    again = lambda: (torch.manual_seed(1), fast_dropout(x.detach(), p))[1]
+    assert torch.equal(again(), again())  # seeded like any torch op (resume relies on it)
+    assert torch.equal(fast_dropout(x, p, training=False), x) and torch.equal(fast_dropout(x, 0.0), x)
+
+
+@pytest.mark.parametrize("model_name", ["tiny-bert", "tiny-llama"])
+def test_fast_dropout_attention_is_sdpa_attention(model_name):
+    """With the drop probability rounding to 0, the training path (math attention, our masks) equals torch's sdpa:
+    padding masks, causal masks and grouped-query heads handled alike. In eval it is sdpa itself."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from lorafit import dropout
+    from lorafit.models import resolve
+
+    if model_name == "tiny-llama":
+        model = AutoModelForCausalLM.from_pretrained(resolve(model_name), attention_dropout=1e-6)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            resolve(model_name), attention_probs_dropout_prob=1e-6, hidden_dropout_prob=0.0)
+    ids = torch.randint(5, 900, (3, 21), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0
+    mask[2, 7:] = 0
+    full = torch.ones_like(ids)  # no padding: transformers passes no mask, and causal models rely on is_causal
+    outs = {}
+    for impl in ("sdpa", "fast"):
+        if impl == "fast":
+            dropout.install(model)
+            assert model.config._attn_implementation == dropout.ATTENTION
+        for train in (True, False):
+            model.train(train)
+            for name, m in (("padded", mask), ("full", full)):
+                outs[impl, train, name] = model(input_ids=ids, attention_mask=m).logits.detach()
+    keep = mask.bool() if model_name == "tiny-llama" else slice(None)  # padded positions' logits are arbitrary
+    for train in (True, False):
+        assert torch.allclose(outs["fast", train, "padded"][keep], outs["sdpa", train, "padded"][keep], atol=1e-5)
+        assert torch.allclose(outs["fast", train, "full"], outs["sdpa", train, "full"], atol=1e-5)
+
+
+def test_fast_dropout_is_installed_by_default_and_can_be_turned_off(tmp_path):
+    from conftest import TINY_CLS
+
+    from lorafit import dropout
+
+    seen = {}
+    orig = dropout.install
+
+    def spy(model):
+        seen["model"] = orig(model)
+        return seen["model"]
+
+    from conftest import run_inprocess
+
+    dropout.install = spy
+    try:
+        run_inprocess(tmp_path / "on", *TINY_CLS, "train.max_steps=2", "lora.dropout=0.1", "hooks=[]")
+        assert any(isinstance(m, dropout.FastDropout) for m in seen.pop("model").modules())
+        run_inprocess(tmp_path / "off", *TINY_CLS, "train.max_steps=2", "lora.dropout=0.1", "hooks=[]",
+                      "model.fast_dropout=false")
+        assert "model" not in seen
+    finally:
+        dropout.install = orig
