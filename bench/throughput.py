@@ -6,11 +6,11 @@ Jobs
 Comparisons
   defaults  each side as its user would run it: lorafit's recipe vs the peer's typical script (lora_dropout 0.1,
             the checkpoint's own dropout, no length grouping)
-  equal     same hyperparameters, dropout included (job a): the engineering view
+  equal     same hyperparameters, dropout included: the engineering view
 Each run is a fresh subprocess that reports its own peak RSS; throughput counts training steps only (evaluation
 is timed separately on both sides). Ratios are lorafit / peer, the median over alternating pairs.
 
-    .venv/bin/python bench/throughput.py [--jobs a b] [--pairs 2] [--steps-a 60] [--steps-b 40] [--tiny]
+    .venv/bin/python bench/throughput.py [--jobs a b] [--modes defaults equal] [--pairs 2] [--steps-a 60] [--steps-b 40] [--tiny]
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ LORAFIT_FLAGS = {  # what "defaults" and "equal" mean on the lorafit side, per j
     ("a", "defaults"): ["recipe=bbc_news"],
     ("a", "equal"): ["recipe=bbc_news", "lora.dropout=0.1", "model.dropout=null"],
     ("b", "defaults"): ["recipe=sft_jsonl"],
+    ("b", "equal"): ["recipe=sft_jsonl", "lora.dropout=0.1"],  # SmolLM2's own dropout is 0 on both sides
 }
 PEER_FLAGS = {("a", "defaults"): {"lora_dropout": 0.1}, ("a", "equal"): {"lora_dropout": 0.1},
-              ("b", "defaults"): {"lora_dropout": 0.1}}
+              ("b", "defaults"): {"lora_dropout": 0.1}, ("b", "equal"): {"lora_dropout": 0.1}}
 
 
 def sft_files(work: Path, n_train: int = 400, n_eval: int = 32) -> tuple[Path, Path]:
@@ -118,6 +119,7 @@ def startup_seconds() -> float:
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser()
     p.add_argument("--jobs", nargs="+", default=["a", "b"], choices=["a", "b"])
+    p.add_argument("--modes", nargs="+", default=["defaults", "equal"], choices=["defaults", "equal"])
     p.add_argument("--pairs", type=int, default=2)
     p.add_argument("--steps-a", type=int, default=60)
     p.add_argument("--steps-b", type=int, default=40)
@@ -127,9 +129,7 @@ def main(argv=None) -> list[dict]:
     rows = []
     for job in args.jobs:
         s = job_settings(job, args.steps_a if job == "a" else args.steps_b, work, args.tiny)
-        for mode in ("defaults", "equal"):
-            if (job, mode) not in LORAFIT_FLAGS:
-                continue
+        for mode in args.modes:
             runs = {"lorafit": [], "peer": []}
             for i in range(args.pairs):  # alternate, so drifts in machine load hit both sides alike
                 for side in ("lorafit", "peer") if i % 2 == 0 else ("peer", "lorafit"):

@@ -255,4 +255,3 @@ def collate(rows: list[dict], pad_id: int, pack: bool = False) -> dict[str, torc
         else:  # one label per row: an int class or a float regression target
             batch[key] = torch.tensor([r[key] for r in rows])
     return batch
-

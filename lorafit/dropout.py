@@ -34,6 +34,7 @@ def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tens
     mask = torch.ge(uniform16, threshold - 32768, out=torch.empty_like(x))
     return x * mask.mul_(65536 / (65536 - threshold))
 
+
 class FastDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fast_dropout(x, self.p, self.training)
