@@ -98,7 +98,6 @@ def _with_save_adapter(ctx: RunContext) -> RunContext:
     return RunContext(**{**ctx.__dict__, "cfg": cfg})
 
 
-
 HOOK_ORDER = {"save_adapter": save_adapter, "spectrum": spectrum, "merge": merge}
 
 

@@ -1,7 +1,7 @@
 """Merge adapters into their base and prove the merge is exact.
 
 `python -m lorafit.merge PATH [PATH ...] --out DIR [--dtype fp32|bf16|fp16] [--base MODEL] [--weights W ...]
- [--combination linear|svd|ties] [--stream]`
+ [--combination linear|svd|ties|cat] [--stream]`
 
 Which weights the update goes into:
 - a float base: the base as trained, in the chosen dtype;
@@ -106,7 +106,6 @@ def merge_and_verify(base_model, adapter_dirs: list[Path], out_dir: Path, probe:
 def _tied(model) -> bool:
     out, inp = model.get_output_embeddings(), model.get_input_embeddings()
     return out is not None and inp is not None and out.weight.data_ptr() == inp.weight.data_ptr()
-
 
 
 # --- streaming merge: bounded memory for sharded checkpoints ------------------------------------------------------
@@ -292,13 +291,13 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     from omegaconf import OmegaConf
 
-    from lorafit.analysis.spectrum import read_adapter
+    from lorafit.analysis.spectrum import adapter_dir, read_adapter
     from lorafit.config import Config
     from lorafit.data import collate
     from lorafit.models import build_tokenizer, resolve
 
     args = parse_args(argv)
-    dirs = [Path(p) / "adapter" if (Path(p) / "adapter").is_dir() else Path(p) for p in args.paths]
+    dirs = [adapter_dir(p) for p in args.paths]
     config, state = read_adapter(dirs[0], allow_pickle=args.allow_pickle)  # refuses pickles and corrupt files
     for d in dirs[1:]:
         read_adapter(d, allow_pickle=args.allow_pickle)

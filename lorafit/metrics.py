@@ -19,15 +19,19 @@ def mean(xs) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def primary_metric(cfg) -> tuple[str, bool]:
-    """(metric name, higher is better) for this config."""
+def primary_metric(cfg) -> str:
+    """The eval metric this config is judged by (what summary.json, sweeps and the sweeper read)."""
     if cfg.model.task == "causal_lm":
-        return "perplexity", False
+        return "perplexity"
     if cfg.data.source == "glue" and cfg.data.task == "cola":
-        return "mcc", True
+        return "mcc"
     if cfg.data.source == "glue" and cfg.data.task == "stsb":
-        return "pearson", True
-    return "accuracy", True
+        return "pearson"
+    return "accuracy"
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric not in ("perplexity", "loss", "mse")
 
 
 def classification(preds: np.ndarray, labels: np.ndarray, glue_task: str | None = None) -> dict[str, float]:

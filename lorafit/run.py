@@ -113,7 +113,7 @@ def run(cfg, run_dir: Path | None = None) -> float:
     result = train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir,
                    MetricsLog(run_dir / "metrics.jsonl", accelerator))
 
-    metric, _ = metrics.primary_metric(cfg)
+    metric = metrics.primary_metric(cfg)
     summary = {
         "run_dir": str(run_dir), "model": cfg.model.name, "task": cfg.model.task, "method": cfg.lora.method,
         "lora_r": cfg.lora.r if cfg.lora.method == "lora" else None, "seed": cfg.train.seed,

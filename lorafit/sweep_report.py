@@ -20,7 +20,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 
 from lorafit.cli import user_errors_as_one_line
-from lorafit.metrics import mean
+from lorafit.metrics import higher_is_better, mean
 
 
 class SweepCallback(Callback):
@@ -48,18 +48,18 @@ def collect(sweep_dir: Path) -> list[dict]:
     return runs
 
 
-def _higher_is_better(metric: str) -> bool:
-    return metric not in ("perplexity", "loss", "mse")
+def finished(runs: list[dict], method: str = "lora") -> list[dict]:
+    return [r for r in runs if r["status"] == "done" and r.get("method") == method]
 
 
 def recommend(runs: list[dict], tolerance: float) -> dict:
     """The smallest r whose mean metric is within `tolerance` of the best rank's (relative for perplexity/loss)."""
-    lora = [r for r in runs if r["status"] == "done" and r.get("method") == "lora"]
+    lora = finished(runs)
     if not lora:
         return {}
     name = lora[0]["metric_name"]
     means = {r: mean([x["metric"] for x in lora if x["r"] == r]) for r in sorted({x["r"] for x in lora})}
-    higher = _higher_is_better(name)
+    higher = higher_is_better(name)
     best = max(means.values()) if higher else min(means.values())
     slack = tolerance if higher else tolerance * best
     ok = [r for r, m in means.items() if (m >= best - slack if higher else m <= best + slack)]
@@ -74,9 +74,9 @@ def _std(xs):
 def spectra(runs: list[dict]) -> dict:
     """{r: {module type: (mean effective rank, mean r90)}} from each lora run's analysis/spectrum.json."""
     out = {}
-    for run in runs:
+    for run in finished(runs):
         path = Path(run["run_dir"]) / "analysis" / "spectrum.json"
-        if run["status"] != "done" or run.get("method") != "lora" or not path.is_file():
+        if not path.is_file():
             continue
         mods = json.loads(path.read_text())["modules"]
         for t in dict.fromkeys(m["type"] for m in mods):
@@ -94,7 +94,7 @@ def phi_vs_largest(runs: list[dict]) -> dict:
     """
     from lorafit.analysis.spectrum import lora_factors, lowrank_svd, read_adapter, subspace_similarity
 
-    lora = [r for r in runs if r["status"] == "done" and r.get("method") == "lora" and (Path(r["run_dir"]) / "adapter").is_dir()]
+    lora = [r for r in finished(runs) if (Path(r["run_dir"]) / "adapter").is_dir()]
     if len({r["r"] for r in lora}) < 2:
         return {}
     R = max(r["r"] for r in lora)
@@ -135,7 +135,7 @@ def write_report(sweep_dir: Path, tolerance: float = 0.005) -> Path:
 
 def _advisor(runs) -> dict | None:
     """The spectrum advisor's global r, read from the largest-rank run's analysis (the rank it saw the job use)."""
-    lora = [r for r in runs if r["status"] == "done" and r.get("method") == "lora"]
+    lora = finished(runs)
     for run in sorted(lora, key=lambda r: -r["r"]):
         path = Path(run["run_dir"]) / "analysis" / "spectrum.json"
         if path.is_file():
@@ -151,8 +151,8 @@ def _plots(runs, rec, spec, phi, out: Path) -> list[str]:
 
     plt = plt_agg()
 
-    lora = [r for r in runs if r["status"] == "done" and r.get("method") == "lora"]
-    full = [r for r in runs if r["status"] == "done" and r.get("method") == "full"]
+    lora = finished(runs)
+    full = finished(runs, "full")
     ranks = sorted({r["r"] for r in lora})
     name, images = rec["metric"], []
     by_r = {r: [x for x in lora if x["r"] == r] for r in ranks}

@@ -49,7 +49,8 @@ def loss_sum(model, batch: dict, task: str) -> tuple[torch.Tensor, torch.Tensor]
     inputs, labels = {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
     if task == "causal_lm":
         targets = labels[:, 1:]  # token t predicts token t+1
-        keep = F.pad(targets != -100, (0, 1))  # the positions that predict a target
+        is_target = targets != -100
+        keep = F.pad(is_target, (0, 1))  # the positions that predict a target
         inputs["use_cache"] = False  # no KV cache to build; and with one, transformers ignores packed position_ids
         if _takes_logit_mask(model):
             # Only those go through the LM head: in SFT most positions are prompt, and the head (vocab x hidden)
@@ -57,7 +58,7 @@ def loss_sum(model, batch: dict, task: str) -> tuple[torch.Tensor, torch.Tensor]
             logits = model(**inputs, logits_to_keep=keep).logits.float()  # (targets in the batch, vocab)
         else:
             logits = model(**inputs).logits.float()[keep]
-        losses = F.cross_entropy(logits, targets[targets != -100], reduction="none")
+        losses = F.cross_entropy(logits, targets[is_target], reduction="none")
         per_row = torch.zeros(len(labels), dtype=losses.dtype, device=losses.device)
         return per_row.index_add_(0, keep.nonzero()[:, 0], losses), keep.sum(1)
     logits = model(**inputs).logits.float()

@@ -85,11 +85,15 @@ class LoraFactors:
         return self.A.shape[0]
 
 
+def adapter_dir(path: str | Path) -> Path:
+    """The PEFT adapter dir itself, or a lorafit run dir's adapter/."""
+    path = Path(path)
+    return path / "adapter" if (path / "adapter" / ADAPTER_CONFIG).is_file() else path
+
+
 def read_adapter(path: str | Path, allow_pickle: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
     """(adapter_config, state dict) from a PEFT adapter dir, or a run dir holding adapter/."""
-    path = Path(path)
-    if (path / "adapter" / ADAPTER_CONFIG).is_file():
-        path = path / "adapter"
+    path = adapter_dir(path)
     if not path.is_dir():
         raise UserError(f"{path}: no such adapter dir")
     if not (path / ADAPTER_CONFIG).is_file():
