@@ -122,7 +122,7 @@ def load(path: str | Path, dtype=None):
         raise UserError(f"{path}: weights do not match the plan (missing {missing[:3]}, unexpected {unexpected[:3]})")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    return model.to(dtype) if dtype else model.eval()
+    return (model.to(dtype) if dtype else model).eval()  # from_config builds in training mode (dropout on)
 
 
 def _tied_key(model, key: str) -> bool:

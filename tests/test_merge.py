@@ -123,6 +123,7 @@ def test_compress_meets_eckart_young_and_reloads(tmp_path):
     for name, e in plan["modules"].items():  # the reloaded architecture follows the plan, module by module
         assert isinstance(reloaded.get_submodule(name), compress.LowRankLinear) == e["factored"], name
     assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
+    assert not reloaded.training and not compress.load(tmp_path / "c", dtype=torch.bfloat16).training  # inference-ready
 
 
 def test_compress_fixed_rank_randomized_matches_exact(tmp_path):
