@@ -89,8 +89,9 @@ def merge(ctx: RunContext) -> None:
     if not adapter_dir.is_dir():
         save_adapter(_with_save_adapter(ctx))
     ctx.summary["merge"] = merge_and_verify(merge_base(ctx.cfg, ctx.labels, hook.dtype), [adapter_dir],
-                                            ctx.run_dir / hook.dir, ctx.probe, hook.dtype, tokenizer=ctx.tokenizer,
-                                            reference=ctx.model)
+                                            ctx.run_dir / hook.dir, ctx.probe, ctx.cfg, hook.dtype,
+                                            tokenizer=ctx.tokenizer, reference=ctx.model,
+                                            mixed_precision=ctx.accelerator.mixed_precision)
 
 
 def _with_save_adapter(ctx: RunContext) -> RunContext:

@@ -61,9 +61,31 @@ def merge_base(cfg, labels, dtype: str):
     return build_model(float_cfg, labels, quantize=True).dequantize().to(DTYPES[MERGE_DTYPES[dtype]])
 
 
-def merge_and_verify(base_model, adapter_dirs: list[Path], out_dir: Path, probe: dict, dtype: str = "fp32",
-                     tokenizer=None, reference=None, weights: list[float] | None = None, combination: str = "linear") -> dict:
-    """Load the adapter(s) onto base_model, merge, verify on `probe`, save atomically to out_dir."""
+def trained_precision(cfg, mixed_precision: str = "no") -> str:
+    """The lowest precision the trained model computed in: the merge can match it only to that precision."""
+    dtypes = {cfg.model.dtype, MERGE_DTYPES.get(mixed_precision, "float32")}
+    if cfg.quant.mode == "nf4":
+        dtypes.add(cfg.quant.compute_dtype)
+    return next((k for k, v in (("fp16", "float16"), ("bf16", "bfloat16")) if v in dtypes), "fp32")
+
+
+def quant_compute(cfg) -> str:
+    """How the trained model's base computed: the function a QLoRA merge into the dequantized base reproduces."""
+    if cfg.quant.mode == "nf4":
+        return f"bitsandbytes nf4: dequantize, then {cfg.quant.compute_dtype} matmul (models.one_4bit_compute_path)"
+    if cfg.quant.mode == "int8":
+        return "bitsandbytes LLM.int8: int8 activations at inference, so merged vs trained is approximate"
+    return "float base"
+
+
+def merge_and_verify(base_model, adapter_dirs: list[Path], out_dir: Path, probe: dict, cfg, dtype: str = "fp32",
+                     tokenizer=None, reference=None, mixed_precision: str = "no", weights: list[float] | None = None,
+                     combination: str = "linear") -> dict:
+    """Load the adapter(s) onto base_model, merge, verify on `probe`, save atomically to out_dir.
+
+    With `reference` (the trained model, run under `mixed_precision`), the merged model must also match it to the
+    tolerance of the lowest precision the training computed in. LLM.int8 is the exception: its inference quantizes
+    activations, which no float merge reproduces, so that difference is recorded, not held to a tolerance."""
     from peft import PeftModel
 
     tied = _tied(base_model)
@@ -85,14 +107,22 @@ def merge_and_verify(base_model, adapter_dirs: list[Path], out_dir: Path, probe:
     scale = max(1.0, float(unmerged.abs().max()))
     report = {"dtype": dtype, "adapters": [str(d) for d in adapter_dirs], "probe_rows": int(len(unmerged)),
               "logit_scale": scale, "max_abs_diff_merged_vs_unmerged": max_diff(merged, unmerged),
-              "tolerance": TOLERANCE[dtype] * scale, "tied_embeddings": tied and _tied(merged_model)}
+              "tolerance": TOLERANCE[dtype] * scale, "tied_embeddings": tied and _tied(merged_model),
+              "base_compute": quant_compute(cfg)}
     if len(adapter_dirs) > 1:
         report.update(combination=combination, weights=weights or [1.0 / len(adapter_dirs)] * len(adapter_dirs))
-    if reference is not None:
-        report["max_abs_diff_merged_vs_trained"] = max_diff(merged, logits(reference, probe))
     if report["max_abs_diff_merged_vs_unmerged"] > report["tolerance"]:
         raise UserError(f"merge check failed: merged and unmerged logits differ by "
                         f"{report['max_abs_diff_merged_vs_unmerged']:.3g} > {report['tolerance']:.3g}; nothing was saved")
+    if reference is not None:
+        report["max_abs_diff_merged_vs_trained"] = max_diff(merged, logits(reference, probe))
+        if cfg.quant.mode != "int8":
+            precision = trained_precision(cfg, mixed_precision)
+            report["tolerance_vs_trained"] = max(TOLERANCE[dtype], TOLERANCE[precision]) * scale
+            if report["max_abs_diff_merged_vs_trained"] > report["tolerance_vs_trained"]:
+                raise UserError(f"merge check failed: the merged model and the trained model differ by "
+                                f"{report['max_abs_diff_merged_vs_trained']:.3g} > {report['tolerance_vs_trained']:.3g} "
+                                f"(trained in {precision}); nothing was saved")
     if tied and not report["tied_embeddings"]:
         raise UserError("merge untied the input and output embeddings; nothing was saved")
     with atomic_dir(out_dir) as tmp:
@@ -321,8 +351,8 @@ def main(argv=None) -> dict:
     tokenizer = build_tokenizer(cfg.model, dirs[0] if (dirs[0] / "tokenizer_config.json").is_file() else None)
     enc = tokenizer(PROBE_TEXTS, truncation=True, max_length=64)
     probe = collate([{k: enc[k][i] for k in enc} for i in range(len(PROBE_TEXTS))], tokenizer.pad_token_id)
-    report = merge_and_verify(merge_base(cfg, info.get("labels"), args.dtype), dirs, out, probe, args.dtype, tokenizer,
-                              weights=args.weights, combination=args.combination)
+    report = merge_and_verify(merge_base(cfg, info.get("labels"), args.dtype), dirs, out, probe, cfg, args.dtype,
+                              tokenizer, weights=args.weights, combination=args.combination)
     print(f"merged into {out} ({args.dtype}); max |logit diff| merged vs unmerged = "
           f"{report['max_abs_diff_merged_vs_unmerged']:.2e} (tolerance {report['tolerance']:.1e})")
     return report
