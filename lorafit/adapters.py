@@ -40,15 +40,52 @@ def attach_lora(model, cfg):
     return get_peft_model(model, peft_config(cfg))
 
 
+CONVERTED_INITS = ("pissa", "olora")  # inits that move part of W into A0, B0: saved converted to plain LoRA
+INITIAL_ADAPTER = "initial_adapter"  # run_dir/initial_adapter: A0, B0, what the saved adapter is converted against
+
+
+def save_initial_adapter(model, cfg, run_dir) -> None:
+    """For PiSSA/OLoRA, keep the initial factors A0, B0: they turn the trained adapter into a plain LoRA on the
+    *original* base (ΔW = s·B·A − s·B0·A0, rank 2r), which vLLM, llama.cpp and the spectrum analysis all read
+    correctly, instead of an adapter that only peft can load, by redoing the SVD of W at load time."""
+    if cfg.lora.method != "lora" or cfg.lora.init not in CONVERTED_INITS:
+        return
+    config = model.peft_config["default"]
+    config.init_lora_weights = True  # as peft's docs do: the saved initial adapter must not re-decompose W on load
+    try:
+        model.save_pretrained(str(run_dir / INITIAL_ADAPTER), safe_serialization=True)
+    finally:
+        config.init_lora_weights = PEFT_INIT[cfg.lora.init]
+
+
+def save(model, cfg, run_dir, out) -> None:
+    """The final adapter in plain PEFT format; PiSSA/OLoRA ones converted to plain LoRA on the original base."""
+    if not (cfg.lora.init in CONVERTED_INITS and cfg.lora.method == "lora"):
+        model.save_pretrained(str(out), safe_serialization=True)
+        return
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(str(out), safe_serialization=True,
+                          path_initial_model_for_weight_conversion=str(run_dir / INITIAL_ADAPTER))
+    # peft 0.21's conversion keeps the LoRA factors only: put back what is saved in full (a seq_cls head).
+    path = out / "adapter_model.safetensors"
+    saved = load_file(path)
+    full = {k: v.contiguous() for k, v in get_peft_model_state_dict(model).items() if ".lora_" not in k and k not in saved}
+    if full:
+        save_file({**saved, **full}, path, metadata={"format": "pt"})
+
+
 def parameter_report(model) -> dict:
     """Trainable parameters in total and per module type (query, value, classifier, ...)."""
-    total = trainable = 0
     by_type: dict[str, int] = defaultdict(int)
+    if hasattr(model, "get_nb_trainable_parameters"):  # peft counts 4-bit weights by their quant_storage dtype
+        trainable, total = model.get_nb_trainable_parameters()
+    else:  # lora=full: a plain float model
+        trainable, total = sum(p.numel() for p in model.parameters() if p.requires_grad), model.num_parameters()
     for name, p in model.named_parameters():
-        n = p.numel() * (2 if p.__class__.__name__ == "Params4bit" else 1)  # 4-bit packs two weights per byte
-        total += n
-        if p.requires_grad:
-            trainable += n
+        if p.requires_grad:  # trainable tensors are never quantized: numel is their count
+            n = p.numel()
             parts = name.split(".")
             if "lora_A" in parts or "lora_B" in parts or "lora_magnitude_vector" in parts:
                 key = parts[max(i for i, s in enumerate(parts) if s.startswith("lora_")) - 1]

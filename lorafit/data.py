@@ -131,6 +131,9 @@ def _files(d, task: str) -> Splits:
     values = sorted(set(train[d.label_column]), key=lambda v: (isinstance(v, str), v))
     if any(v is None for v in values):
         raise UserError(f"data.train_file={d.train_file!r}: column {d.label_column!r} has empty labels")
+    if len(values) < 2:
+        raise UserError(f"data.train_file={d.train_file!r}: column {d.label_column!r} holds one label ({values[0]!r}); "
+                        "classification needs at least two (is data.label_column the right column?)")
     index = {v: i for i, v in enumerate(values)}
     unknown = sorted({str(v) for v in ev[d.label_column]} - {str(v) for v in values})
     if unknown:
@@ -196,14 +199,20 @@ def _sft_segments(row: dict, tokenizer) -> list[tuple[str, bool]]:
         # Render growing prefixes and diff them, so each piece is exactly what the template produces in context.
         render = lambda t, gen=False: tokenizer.apply_chat_template(t, tokenize=False, add_generation_prompt=gen)
         pieces, prev = [], ""
+
+        def extend(text: str, trains: bool) -> None:
+            nonlocal prev
+            if not text.startswith(prev):  # e.g. a template that rewrites earlier turns once a later one exists
+                raise UserError("the tokenizer's chat template renders a conversation differently once a turn is "
+                                "added (the shorter rendering is not a prefix of the longer), so the assistant's "
+                                "tokens can't be located; use a model whose template appends turns")
+            pieces.append((text[len(prev):], trains))
+            prev = text
+
         for i, turn in enumerate(turns):
             if turn["role"] == "assistant":
-                header = render(turns[:i], gen=True)
-                pieces.append((header[len(prev):], False))
-                prev = header
-            text = render(turns[: i + 1])
-            pieces.append((text[len(prev):], turn["role"] == "assistant"))
-            prev = text
+                extend(render(turns[:i], gen=True), False)
+            extend(render(turns[: i + 1]), turn["role"] == "assistant")
         return pieces
     eos = tokenizer.eos_token or ""
     pieces = [((tokenizer.bos_token or ""), False)]

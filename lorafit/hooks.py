@@ -11,6 +11,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from lorafit import adapters
 from lorafit.checkpoint import atomic_dir
 from lorafit.merge import RUN_INFO
 from lorafit.metrics import mean
@@ -33,10 +34,13 @@ def save_adapter(ctx: RunContext) -> None:
     With lora=full there is no adapter: the whole model goes to run_dir/model instead."""
     out = ctx.run_dir / ("model" if ctx.cfg.lora.method == "full" else ctx.cfg.hooks.save_adapter.dir)
     with atomic_dir(out) as tmp:  # the final adapter appears whole or not at all
-        ctx.model.save_pretrained(tmp, safe_serialization=True)
+        adapters.save(ctx.model, ctx.cfg, ctx.run_dir, tmp)
         ctx.tokenizer.save_pretrained(tmp)
-        info = {"task": ctx.cfg.model.task, "labels": ctx.labels, "model": ctx.cfg.model.name, "quant": ctx.cfg.quant.mode}
-        (tmp / RUN_INFO).write_text(json.dumps(info, indent=1))  # what PEFT's format leaves out, for `lorafit.merge`
+        # What PEFT's format leaves out, for `lorafit.merge`: labels, and the model and quantization config in full,
+        # so a QLoRA merge rebuilds the very base it trained on (double quant, storage, compute dtype, revision).
+        info = {"task": ctx.cfg.model.task, "labels": ctx.labels, "model": OmegaConf.to_container(ctx.cfg.model),
+                "quant": OmegaConf.to_container(ctx.cfg.quant)}
+        (tmp / RUN_INFO).write_text(json.dumps(info, indent=1))
     ctx.summary["adapter_dir"] = str(out)
 
 
@@ -47,11 +51,18 @@ def spectrum(ctx: RunContext) -> None:
     from peft.utils import get_peft_model_state_dict
 
     from lorafit.analysis import base, report
+    from lorafit.analysis.spectrum import read_adapter
 
-    config = ctx.model.peft_config["default"].to_dict()
     hook = ctx.cfg.hooks.spectrum
-    doc = report.analyze(config, get_peft_model_state_dict(ctx.model), energy=hook.energy,
-                         base=base.from_model(ctx.model, config.get("fan_in_fan_out", False)))
+    if ctx.cfg.lora.init in adapters.CONVERTED_INITS:
+        # The real update is s·B·A − s·B0·A0 on the original W, which the saved (converted) adapter holds; the model
+        # in memory has A, B on the residual W − s·B0·A0 instead.
+        config, state = read_adapter(_saved_adapter(ctx))
+        weights = base.from_dir(ctx.cfg.model.name, config.get("fan_in_fan_out", False))
+    else:
+        config, state = ctx.model.peft_config["default"].to_dict(), get_peft_model_state_dict(ctx.model)
+        weights = base.from_model(ctx.model, config.get("fan_in_fan_out", False))
+    doc = report.analyze(config, state, energy=hook.energy, base=weights)
     files = report.write(doc, ctx.run_dir / "analysis", plots=hook.plots)
     ctx.summary["spectrum"] = {"dir": str(ctx.run_dir / "analysis"), "modules": len(doc["modules"]),
                                "mean_effective_rank": mean(m["effective_rank"] for m in doc["modules"]),
@@ -85,18 +96,19 @@ def merge(ctx: RunContext) -> None:
     hook = ctx.cfg.hooks.merge
     if ctx.cfg.lora.method == "full":
         return  # nothing to merge: save_adapter already wrote the full model
-    adapter_dir = ctx.run_dir / (ctx.cfg.hooks.save_adapter.dir if ctx.cfg.hooks.save_adapter else "adapter")
-    if not adapter_dir.is_dir():
-        save_adapter(_with_save_adapter(ctx))
-    ctx.summary["merge"] = merge_and_verify(merge_base(ctx.cfg, ctx.labels, hook.dtype), [adapter_dir],
+    ctx.summary["merge"] = merge_and_verify(merge_base(ctx.cfg, ctx.labels, hook.dtype), [_saved_adapter(ctx)],
                                             ctx.run_dir / hook.dir, ctx.probe, ctx.cfg, hook.dtype,
                                             tokenizer=ctx.tokenizer, reference=ctx.model,
                                             mixed_precision=ctx.accelerator.mixed_precision)
 
 
-def _with_save_adapter(ctx: RunContext) -> RunContext:
-    cfg = OmegaConf.merge(ctx.cfg, {"hooks": {"save_adapter": {"dir": "adapter"}}})
-    return RunContext(**{**ctx.__dict__, "cfg": cfg})
+def _saved_adapter(ctx: RunContext) -> Path:
+    """The adapter dir as save_adapter writes it (saving it to adapter/ first when that hook was not selected)."""
+    adapter_dir = ctx.run_dir / (ctx.cfg.hooks.save_adapter.dir if ctx.cfg.hooks.save_adapter else "adapter")
+    if not adapter_dir.is_dir():
+        cfg = OmegaConf.merge(ctx.cfg, {"hooks": {"save_adapter": {"dir": "adapter"}}})
+        save_adapter(RunContext(**{**ctx.__dict__, "cfg": cfg}))
+    return adapter_dir
 
 
 HOOK_ORDER = {"save_adapter": save_adapter, "spectrum": spectrum, "merge": merge}

@@ -164,10 +164,13 @@ def stream_merge(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str | 
         if key is None:
             raise UserError(f"--stream: no weight for adapted module {f.name} in {base_dir}; is it the adapter's base?")
         targets[key] = f
-    saved = {k.removeprefix("base_model.model."): v for k, v in state.items() if ".lora_" not in k}  # modules_to_save
-    replaced = {_match(k.removesuffix(".weight").removesuffix(".bias"), keys) or k: v for k, v in saved.items()}
+    replaced = {}  # modules_to_save (e.g. a classifier head): base key -> the adapter's tensor
+    for k, v in state.items():
+        if ".lora_" not in k:
+            module, _, tensor = k.removeprefix("base_model.model.").rpartition(".")
+            replaced[_match(module, keys, tensor) or k] = v
     fan_in_fan_out, out_dtype = config.get("fan_in_fan_out", False), DTYPES[MERGE_DTYPES[dtype]] if dtype else None
-    probe_errors, g = [], torch.Generator().manual_seed(0)
+    probe_errors, g = {}, torch.Generator().manual_seed(0)  # {merged dtype: max relative module-output error}
     with atomic_dir(out_dir) as tmp:
         for shard in tqdm(shards, desc="merge shards", disable=len(shards) < 2):
             header, start = _header(shard)
@@ -185,15 +188,19 @@ def stream_merge(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str | 
             cfg["dtype"] = cfg["torch_dtype"] = MERGE_DTYPES[dtype]
             (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         report = {"mode": "stream", "shards": len(shards), "merged_modules": len(targets),
-                  "max_abs_diff_module_probe": max(probe_errors, default=0.0), "dtype": dtype or "as base"}
+                  "max_abs_diff_module_probe": max(probe_errors.values(), default=0.0), "dtype": dtype or "as base"}
+        for merged_dtype, err in probe_errors.items():  # the tolerance of the dtype each module was merged in
+            if err > TOLERANCE[merged_dtype]:
+                raise UserError(f"--stream merge check failed: a merged {merged_dtype} module's output is off by "
+                                f"{err:.3g} (relative) > {TOLERANCE[merged_dtype]}; nothing was saved")
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=1))
     return report
 
 
 def _merged_tensors(src, header: dict, start: int, targets: dict, replaced: dict, fan_in_fan_out: bool, out_dtype,
-                    probe_errors: list, g, probes: int):
+                    probe_errors: dict, g, probes: int):
     """One shard's tensors, one at a time (peak memory ~ the largest tensor, not the shard), with s·B·A added to the
-    targeted ones, each merged module's probe error appended to `probe_errors`, and modules_to_save swapped in."""
+    targeted ones, the worst probe error per merged dtype kept in `probe_errors`, and modules_to_save swapped in."""
     for key, meta in header.items():
         W = _read(src, meta, start)
         if key in targets:
@@ -202,9 +209,13 @@ def _merged_tensors(src, header: dict, start: int, targets: dict, replaced: dict
             delta = delta.T if fan_in_fan_out or f.kind == "embedding" else delta
             merged = (W.float() + delta).to(W.dtype)
             del delta
-            probe_errors.append(_probe_module(W, merged, f, fan_in_fan_out, g, probes))
+            name = DTYPE_NAMES.get(merged.dtype, "fp32")
+            probe_errors[name] = max(probe_errors.get(name, 0.0), _probe_module(W, merged, f, fan_in_fan_out, g, probes))
             W = merged
         elif key in replaced:
+            if replaced[key].shape != W.shape:
+                raise UserError(f"--stream: the adapter saves {key} with shape {list(replaced[key].shape)}, but the "
+                                f"base has {list(W.shape)}; is it the adapter's base?")
             W = replaced.pop(key).to(W.dtype)
         yield key, W.to(out_dtype) if out_dtype is not None and W.is_floating_point() else W
 
@@ -215,6 +226,7 @@ SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float1
 
 
 ST_TO_TORCH = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # keys of TOLERANCE
 
 
 def _return_freed_memory_promptly() -> None:
@@ -269,7 +281,10 @@ def _write_streaming(path: Path, src_header: dict, tensors, out_dtype) -> None:
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
         for key, t in tensors:
-            assert SAFETENSORS_DTYPES[t.dtype] == header[key]["dtype"], key
+            begin, end = header[key]["data_offsets"]
+            if SAFETENSORS_DTYPES[t.dtype] != header[key]["dtype"] or t.numel() * t.element_size() != end - begin:
+                raise RuntimeError(f"stream merge: {key} would be written as {t.dtype} {list(t.shape)}, not as the "
+                                   f"header says ({header[key]['dtype']} {header[key]['shape']})")
             if t.numel():
                 f.write(t.contiguous().view(-1).view(torch.uint8).numpy())
 
@@ -291,17 +306,56 @@ def _probe_module(W0, merged, f, fan_in_fan_out: bool, g, n: int, rows: int = 10
 
 # --- CLI -----------------------------------------------------------------------------------------------------------
 
-def _run_info(adapter_dir: Path, state: dict, config: dict) -> dict:
-    """Task, labels and quantization of the run that trained this adapter (or best guesses for foreign adapters)."""
+def _run_info(adapter_dir: Path, state: dict, config: dict, base: str) -> dict:
+    """Task, labels, model and quant config of the run that trained this adapter (best guesses for foreign ones:
+    the task from peft's task_type, or else from the base's architecture)."""
     path = adapter_dir / RUN_INFO
     if path.is_file():
-        return json.loads(path.read_text())
+        info = json.loads(path.read_text())
+        if not isinstance(info.get("model"), dict):  # written before lorafit recorded the configs in full
+            info.update(model={}, quant={"mode": info.get("quant", "none")})
+        return info
     task = {"SEQ_CLS": "seq_cls", "CAUSAL_LM": "causal_lm"}.get(config.get("task_type"))
+    if task is None and config.get("task_type") is None:
+        from omegaconf import OmegaConf
+
+        from lorafit.config import ModelConfig
+        from lorafit.models import load_config
+
+        arch = " ".join(load_config(OmegaConf.merge(OmegaConf.structured(ModelConfig), {"name": base})).architectures or [])
+        task = "causal_lm" if "ForCausalLM" in arch else "seq_cls" if "ForSequenceClassification" in arch else None
     if task is None:
-        raise UserError(f"{adapter_dir}: adapter task_type {config.get('task_type')!r} is not SEQ_CLS or CAUSAL_LM")
+        raise UserError(f"{adapter_dir}: adapter task_type {config.get('task_type')!r} is not SEQ_CLS or CAUSAL_LM, "
+                        "and the base's architecture does not say which")
     head = [v for k, v in state.items() if k.endswith(("classifier.weight", "score.weight", "out_proj.weight"))]
     labels = [f"LABEL_{i}" for i in range(head[-1].shape[0])] if task == "seq_cls" and head else None
-    return {"task": task, "labels": labels, "quant": "none"}
+    return {"task": task, "labels": labels, "model": {}, "quant": {"mode": "none"}}
+
+
+def _tokenizer(cfg_model, adapter_dir: Path):
+    """The tokenizer saved beside the adapter (lorafit does that), else the base's, else None: a merge needs
+    weights, not a tokenizer, and many bases are saved with `save_pretrained` alone."""
+    from lorafit.models import build_tokenizer
+
+    for path in ([adapter_dir] if (adapter_dir / "tokenizer_config.json").is_file() else []) + [None]:
+        try:
+            return build_tokenizer(cfg_model, path)
+        except (UserError, OSError, ValueError, TypeError):
+            continue
+    return None
+
+
+def _probe(tokenizer, cfg_model) -> dict:
+    """The probe batch the merge is verified on: real text when there is a tokenizer, random token ids otherwise."""
+    from lorafit.data import collate
+    from lorafit.models import load_config
+
+    if tokenizer is not None:
+        enc = tokenizer(PROBE_TEXTS, truncation=True, max_length=64)
+        return collate([{k: enc[k][i] for k in enc} for i in range(len(PROBE_TEXTS))], tokenizer.pad_token_id)
+    vocab = load_config(cfg_model).vocab_size
+    ids = torch.randint(0, vocab, (len(PROBE_TEXTS), 16), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def parse_args(argv=None):
@@ -323,14 +377,16 @@ def main(argv=None) -> dict:
 
     from lorafit.analysis.spectrum import adapter_dir, read_adapter
     from lorafit.config import Config
-    from lorafit.data import collate
-    from lorafit.models import build_tokenizer, resolve
+    from lorafit.models import resolve
 
     args = parse_args(argv)
     dirs = [adapter_dir(p) for p in args.paths]
     config, state = read_adapter(dirs[0], allow_pickle=args.allow_pickle)  # refuses pickles and corrupt files
     for d in dirs[1:]:
-        read_adapter(d, allow_pickle=args.allow_pickle)
+        other, _ = read_adapter(d, allow_pickle=args.allow_pickle)
+        if config.get("modules_to_save") or other.get("modules_to_save"):
+            raise UserError(f"{dirs[0]} and {d} each train modules in full ({config.get('modules_to_save') or other.get('modules_to_save')}, "
+                            "e.g. a seq_cls head), which a weighted LoRA combination can't mix; merge one adapter at a time")
     if args.weights and len(args.weights) != len(dirs):
         raise UserError(f"--weights has {len(args.weights)} values for {len(dirs)} adapters")
     base = args.base or config.get("base_model_name_or_path")
@@ -344,13 +400,11 @@ def main(argv=None) -> dict:
         print(f"merged {report['merged_modules']} modules over {report['shards']} shards into {out}; "
               f"max relative module-probe error {report['max_abs_diff_module_probe']:.2e}")
         return report
-    info = _run_info(dirs[0], state, config)
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), {"model": {"name": base, "task": info["task"]},
-                                                          "quant": {"mode": info.get("quant", "none")}})
-    # lorafit saves the tokenizer beside the adapter; otherwise the base's
-    tokenizer = build_tokenizer(cfg.model, dirs[0] if (dirs[0] / "tokenizer_config.json").is_file() else None)
-    enc = tokenizer(PROBE_TEXTS, truncation=True, max_length=64)
-    probe = collate([{k: enc[k][i] for k in enc} for i in range(len(PROBE_TEXTS))], tokenizer.pad_token_id)
+    info = _run_info(dirs[0], state, config, base)
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), {"model": {**info["model"], "name": base, "task": info["task"]},
+                                                          "quant": info["quant"]})
+    tokenizer = _tokenizer(cfg.model, dirs[0])
+    probe = _probe(tokenizer, cfg.model)
     report = merge_and_verify(merge_base(cfg, info.get("labels"), args.dtype), dirs, out, probe, cfg, args.dtype,
                               tokenizer, weights=args.weights, combination=args.combination)
     print(f"merged into {out} ({args.dtype}); max |logit diff| merged vs unmerged = "

@@ -19,15 +19,21 @@ def mean(xs) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def problem_type(cfg) -> str:
+    """language_model | regression | classification: the one place that decides it (head, loss, metrics)."""
+    if cfg.model.task == "causal_lm":
+        return "language_model"
+    return "regression" if cfg.data.source == "glue" and cfg.data.task == "stsb" else "classification"
+
+
 def primary_metric(cfg) -> str:
     """The eval metric this config is judged by (what summary.json, sweeps and the sweeper read)."""
-    if cfg.model.task == "causal_lm":
+    problem = problem_type(cfg)
+    if problem == "language_model":
         return "perplexity"
-    if cfg.data.source == "glue" and cfg.data.task == "cola":
-        return "mcc"
-    if cfg.data.source == "glue" and cfg.data.task == "stsb":
+    if problem == "regression":
         return "pearson"
-    return "accuracy"
+    return "mcc" if cfg.data.source == "glue" and cfg.data.task == "cola" else "accuracy"
 
 
 def higher_is_better(metric: str) -> bool:

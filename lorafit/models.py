@@ -40,15 +40,20 @@ def _package_dir(module: str) -> Path | None:
 
 
 def _materialize(name: str, build) -> Path:
-    """Build a model dir once into the cache; write to a temp dir and rename so a crash leaves no half dir."""
+    """Build a model dir once into the cache; write to a temp dir and rename so a crash leaves no half dir.
+    A file lock makes the other processes of a distributed run (or parallel jobs) wait instead of racing."""
+    from filelock import FileLock
+
     out = cache_dir() / "models" / name
-    if not (out / "config.json").is_file():
-        tmp = out.with_name(f".{name}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        build(tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out.with_name(f".{name}.lock"))):
+        if not (out / "config.json").is_file():
+            tmp = out.with_name(f".{name}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            build(tmp)
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
     return out
 
 
@@ -205,7 +210,9 @@ def build_model(cfg, labels: list[str] | None = None, quantize: bool = True):
     if m.attn_implementation is not None:  # flash_attention_2 also turns data.packing into varlen attention on GPU
         kwargs["attn_implementation"] = m.attn_implementation
     if m.task == "seq_cls":
-        regression = labels is not None and len(labels) == 1
+        from lorafit.metrics import problem_type
+
+        regression = problem_type(cfg) == "regression"
         # A checkpoint's own head (another label count) is replaced: the head is trained with the adapter anyway.
         kwargs.update(num_labels=len(labels), ignore_mismatched_sizes=True, id2label=dict(enumerate(labels)),
                       label2id={l: i for i, l in enumerate(labels)},

@@ -67,7 +67,8 @@ def _accelerator(cfg, run_dir: Path):
 
 
 def _quiet_libraries() -> None:
-    """Keep the terminal for lorafit's own progress bar and summary; warnings and errors still show."""
+    """Keep the terminal for lorafit's own progress bar and summary: libraries show errors only, and warnings
+    that concern the run (truncation, bad data) come from lorafit's own logger."""
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -97,6 +98,8 @@ def run(cfg, run_dir: Path | None = None) -> float:
     train_ds, eval_ds = data.tokenize(splits, tokenizer, cfg)
     set_seed(cfg.train.seed)  # before the model: LoRA's A init is random
     model = adapters.attach_lora(models.build_model(cfg, splits.labels), cfg)
+    if accelerator.is_main_process:
+        adapters.save_initial_adapter(model, cfg, run_dir)
     if cfg.model.fast_dropout:  # after attach_lora, so LoRA's own dropout layers are swapped too
         from lorafit import dropout
 

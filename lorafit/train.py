@@ -106,7 +106,7 @@ def evaluate(model, loader, cfg, accelerator) -> dict:
     res = torch.cat(rows).numpy()
     if task == "causal_lm":
         out = metrics.language_model(float(res[:, 0].sum()), int(res[:, 1].sum()))
-    elif cfg.data.source == "glue" and cfg.data.task == "stsb":
+    elif metrics.problem_type(cfg) == "regression":
         out = metrics.regression(res[:, 0], res[:, 1])
     else:
         out = metrics.classification(res[:, 0].astype(int), res[:, 1].astype(int), cfg.data.task)

@@ -59,3 +59,27 @@ def test_collate_pads_to_the_longest_row_only():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[5, 6, 7], [-100, -100, -100]]
+
+
+def test_chat_template_that_is_not_prefix_stable_is_refused():
+    import pytest
+
+    from lorafit.config import UserError
+
+    tok = build_tokenizer(compose("model=tiny-llama").model)
+    # A template that numbers turns from the end rewrites every earlier turn once another is added.
+    tok.chat_template = "{% for m in messages %}[{{ messages|length - loop.index }}] {{ m['content'] }}\n{% endfor %}"
+    with pytest.raises(UserError, match="chat template"):
+        _sft_tokens([{"prompt": "What is two plus two?", "response": "Four."}], tok)
+
+
+def test_a_files_dataset_with_a_single_label_is_refused(tmp_path):
+    import pytest
+
+    from lorafit.config import UserError
+
+    for name in ("t.csv", "e.csv"):
+        (tmp_path / name).write_text("text,label\n" + "".join(f"row {i},spam\n" for i in range(8)))
+    cfg = compose("model=tiny-bert", "data=files", f"data.train_file={tmp_path / 't.csv'}", f"data.eval_file={tmp_path / 'e.csv'}")
+    with pytest.raises(UserError, match="one label .'spam'.*at least two"):
+        load_splits(cfg)

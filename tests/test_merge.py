@@ -138,3 +138,93 @@ def test_compress_fixed_rank_randomized_matches_exact(tmp_path):
     assert set(exact["modules"]) == set(rand["modules"]) and all(e["rank"] == 8 for e in rand["modules"].values())
     for name, e in exact["modules"].items():
         assert rand["modules"][name]["measured_rel_error"] <= e["measured_rel_error"] * 1.05 + 1e-6
+
+
+def test_merge_cli_plain_peft_adapter_on_a_base_without_tokenizer(tmp_path):
+    """A base saved by `model.save_pretrained` alone and an adapter saved by plain peft: the merge needs weights
+    only (it verifies on random token ids then), and the merged model is the adapter's function."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.models import resolve
+
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    AutoModelForCausalLM.from_pretrained(resolve("tiny-llama")).save_pretrained(base_dir)
+    assert not list(base_dir.glob("tokenizer*"))
+    torch.manual_seed(0)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    for n, p in peft_model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    peft_model.save_pretrained(adapter_dir)
+    out = merge_cli(adapter_dir, "--out", tmp_path / "merged")
+    assert out.returncode == 0, out.stderr
+    x = torch.randint(5, 500, (2, 12))
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        a, b = reloaded(input_ids=x).logits, merged(input_ids=x).logits
+    assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, peft_model.get_base_model()(input_ids=x).logits * 0)
+
+
+@pytest.fixture(scope="module")
+def cls_run(tmp_path_factory):
+    run_dir, _ = run_inprocess(tmp_path_factory.mktemp("cls"), *TINY_CLS, "train.max_steps=10", "hooks=[save_adapter]")
+    return run_dir
+
+
+def test_streaming_merge_swaps_in_a_biased_head_bitwise(tmp_path, cls_run):
+    """The trained classifier (weight and bias, saved in full with the adapter) lands in the right slots."""
+    from transformers import AutoModelForSequenceClassification
+
+    from lorafit.models import resolve
+
+    sharded = tmp_path / "base"
+    AutoModelForSequenceClassification.from_pretrained(resolve("tiny-bert"), num_labels=3).save_pretrained(
+        sharded, max_shard_size="100KB")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(resolve("tiny-bert")) / f, sharded)
+    adapter = cls_run / "adapter"
+    assert merge_cli(adapter, "--base", sharded, "--out", tmp_path / "mem").returncode == 0
+    out = merge_cli(adapter, "--base", sharded, "--out", tmp_path / "stream", "--stream")
+    assert out.returncode == 0, out.stderr
+    mem = AutoModelForSequenceClassification.from_pretrained(tmp_path / "mem").state_dict()
+    streamed = AutoModelForSequenceClassification.from_pretrained(tmp_path / "stream").state_dict()
+    assert mem.keys() == streamed.keys()
+    assert all(torch.equal(mem[k], streamed[k]) for k in mem), [k for k in mem if not torch.equal(mem[k], streamed[k])][:3]
+    saved = load_file(adapter / "adapter_model.safetensors")
+    bias = next(v for k, v in saved.items() if k.endswith("classifier.bias"))
+    assert torch.equal(streamed["classifier.bias"], bias) and streamed["classifier.weight"].shape == (3, 64)
+
+
+def test_streaming_merge_holds_the_probe_to_its_tolerance(tmp_path, lm_runs, monkeypatch):
+    from lorafit import merge
+    from lorafit.config import UserError
+    from lorafit.models import resolve
+
+    monkeypatch.setattr(merge, "_probe_module", lambda *a, **k: 0.5)  # as if a merged module were off by 50%
+    with pytest.raises(UserError, match="merge check failed"):
+        merge.stream_merge(Path(resolve("tiny-llama")), lm_runs[0] / "adapter", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_multi_adapter_merge_of_seq_cls_heads_is_refused_in_one_line(tmp_path, cls_run):
+    out = merge_cli(cls_run, cls_run, "--out", tmp_path / "merged")
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "merge one adapter at a time" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "merged").exists()
+
+
+def test_qlora_merge_cli_rebuilds_the_base_the_run_trained_on(tmp_path):
+    """lorafit.json carries the full quant and model config: the CLI re-quantizes exactly as the run did
+    (here without double quant), so its merge equals the in-run merge."""
+    from transformers import AutoModelForCausalLM
+
+    run_dir, _ = run_inprocess(tmp_path, *TINY_LM, "quant=nf4", "quant.double_quant=false", "quant.compute_dtype=float32",
+                               "train.max_steps=5", "hooks=[save_adapter,merge]")
+    info = json.loads((run_dir / "adapter" / "lorafit.json").read_text())
+    assert info["quant"]["double_quant"] is False and info["model"]["dtype"] == "float32"
+    out = merge_cli(run_dir, "--out", tmp_path / "cli")
+    assert out.returncode == 0, out.stderr
+    hook = AutoModelForCausalLM.from_pretrained(run_dir / "merged").state_dict()
+    cli = AutoModelForCausalLM.from_pretrained(tmp_path / "cli").state_dict()
+    assert all(torch.equal(hook[k], cli[k]) for k in hook), [k for k in hook if not torch.equal(hook[k], cli[k])][:3]

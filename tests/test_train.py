@@ -209,3 +209,35 @@ def test_grad_accumulation_equals_one_big_batch_on_variable_length_rows(tmp_path
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), (k, (a[k] - b[k]).abs().max())
     la, lb = train_losses(big), train_losses(acc)
     assert la == pytest.approx(lb, rel=1e-5)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_and_olora_adapters_are_saved_as_plain_lora_on_the_original_base(tmp_path, init):
+    """PiSSA/OLoRA train A, B on a residual W − s·B0·A0. The saved adapter is converted (rank 2r: s·B·A − s·B0·A0)
+    so any LoRA consumer on the original base gets the trained function, and the spectrum is that real update."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    run_dir, summary = run_inprocess(tmp_path, *TINY_CLS, f"lora.init={init}", "lora.r=4", "train.max_steps=10",
+                                     "hooks=[save_adapter,spectrum,merge]")
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert config["init_lora_weights"] is True  # peft loads it without re-decomposing W
+    saved = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert {v.shape[0] for k, v in saved.items() if "lora_A" in k} == {8}
+    m = summary["merge"]
+    assert m["max_abs_diff_merged_vs_trained"] < 1e-4 * m["logit_scale"]  # the converted adapter is the trained model
+    # Plain peft on the untouched base: the same function as the merged model.
+    original = lambda: AutoModelForSequenceClassification.from_pretrained(resolve("tiny-bert"), num_labels=3)
+    reloaded = PeftModel.from_pretrained(original(), run_dir / "adapter").eval()
+    merged = AutoModelForSequenceClassification.from_pretrained(run_dir / "merged").eval()
+    x = torch.randint(5, 500, (2, 10))
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=x).logits, merged(input_ids=x).logits, atol=1e-5)
+    # The spectrum is that of merged W − original W, not of the s·B·A the model held in memory.
+    doc = json.loads((run_dir / "analysis" / "spectrum.json").read_text())
+    entry = doc["modules"][0]
+    name = entry["name"].split("bert.", 1)[-1]
+    delta = merged.bert.get_submodule(name).weight - original().bert.get_submodule(name).weight
+    want = torch.linalg.svdvals(delta.double())[: len(entry["singular_values"])]
+    got = torch.tensor(entry["singular_values"], dtype=torch.float64)
+    assert torch.allclose(got, want, atol=1e-5 * float(want[0])), (got, want)

@@ -53,15 +53,15 @@ def from_dir(model: str, fan_in_fan_out: bool = False) -> BaseWeights:
     return lookup
 
 
-def _match(name: str, keys) -> str | None:
-    """The checkpoint key of module `name`'s weight: the longest unique suffix match.
+def _match(name: str, keys, tensor: str = "weight") -> str | None:
+    """The checkpoint key of module `name`'s `tensor` (weight or bias): the longest unique suffix match.
 
     Adapter names carry the task model's prefix (`bert.encoder...` in BertForSequenceClassification) that a
     headless checkpoint lacks (`encoder...`), so match on the tail of the path.
     """
     parts = name.split(".")
     for i in range(len(parts)):
-        suffix = ".".join(parts[i:]) + ".weight"
+        suffix = ".".join(parts[i:]) + "." + tensor
         hits = [k for k in keys if k == suffix or k.endswith("." + suffix)]
         if len(hits) == 1:
             return hits[0]

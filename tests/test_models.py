@@ -1,0 +1,53 @@
+"""Model building: the cache is built once under concurrency, parameter counts hold for 4-bit storage."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+
+import pytest
+from conftest import TINY_LM, compose
+
+
+def _materialize_slowly(cache: str, marker: str) -> None:
+    import os
+    from pathlib import Path
+
+    os.environ["LORAFIT_CACHE"] = cache
+    from lorafit.models import _materialize
+
+    def build(tmp: Path) -> None:
+        with open(marker, "a") as f:
+            f.write("built\n")
+        time.sleep(1.0)  # long enough for the other process to arrive while this one builds
+        (tmp / "config.json").write_text("{}")
+
+    out = _materialize("slow-model", build)
+    assert (out / "config.json").read_text() == "{}"
+
+
+def test_concurrent_processes_build_a_cached_model_once(tmp_path):
+    """The processes of a distributed run all resolve the same alias: one builds it, the others wait for it."""
+    marker = tmp_path / "builds.txt"
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_materialize_slowly, args=(str(tmp_path / "cache"), str(marker))) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert marker.read_text().count("built") == 1
+
+
+@pytest.mark.parametrize("storage", [None, "bfloat16"])
+def test_4bit_parameter_count_equals_the_float_models(storage):
+    """A 4-bit weight holds 2 values per uint8, but 1 per element of a bfloat16 quant_storage (FSDP + QLoRA)."""
+    from lorafit.adapters import attach_lora, parameter_report
+    from lorafit.models import build_model
+
+    extra = [f"quant.quant_storage={storage}"] if storage else []
+    cfg = compose(*TINY_LM, "quant=nf4", *extra)
+    quantized = parameter_report(attach_lora(build_model(cfg), cfg))
+    float_cfg = compose(*TINY_LM)
+    plain = parameter_report(attach_lora(build_model(float_cfg), float_cfg))
+    assert quantized["total"] == plain["total"] and quantized["trainable"] == plain["trainable"] > 0
