@@ -7,7 +7,8 @@ from collections import defaultdict
 
 from omegaconf import OmegaConf
 
-from lorafit.models import HEAD_NAMES
+from lorafit.errors import UserError
+from lorafit.models import HEAD_NAMES, linear_modules, meta_model
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,40 @@ def peft_config(cfg):
     )
 
 
+def check_targets(cfg) -> list[str]:
+    """Problems with lora.target_modules / lora.r, found by injecting the LoRA config with peft's own matching
+    rules into a weightless meta-device skeleton of the model; the model's Linear names are listed."""
+    from dataclasses import replace
+
+    from peft import inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    try:
+        skeleton = meta_model(cfg)
+    except UserError as e:
+        return [str(e)]
+    linears = linear_modules(skeleton)
+    names = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in linears if not n.startswith(HEAD_NAMES)}))
+    config = replace(peft_config(cfg), init_lora_weights=False)  # PiSSA's SVD can't run on weightless tensors
+    tm = cfg.lora.target_modules
+    if not isinstance(tm, str):  # peft needs only one name of a list to match; each one should
+        missing = [t for t in tm if not any(check_target_module_exists(replace(config, target_modules=[t]), n)
+                                            for n in linears)]
+        if missing:
+            return [f"lora.target_modules: {', '.join(map(repr, missing))} match no Linear module of "
+                    f"{cfg.model.name}; it has: {names}"]
+    try:
+        inject_adapter_in_model(config, skeleton)
+    except ValueError:  # peft's NoMatchingPeftModuleError
+        return [f"lora.target_modules={tm!r} matches no Linear module; this model has: {names}"]
+    matched = [n for n, mod in skeleton.named_modules() if isinstance(mod, LoraLayer) and n in linears]
+    too_small = sorted({f"{n.rsplit('.', 1)[-1]} (min dim {min(linears[n])})" for n in matched if cfg.lora.r > min(linears[n])})
+    if cfg.lora.r > 0 and too_small:
+        return [f"lora.r={cfg.lora.r} exceeds min(d, k) of {', '.join(too_small)}: lower lora.r"]
+    return []
+
+
 def attach_lora(model, cfg):
     """The model with LoRA attached through peft; with lora.method=full, the model itself, every weight trainable."""
     if cfg.lora.method == "full":
@@ -40,6 +75,7 @@ def attach_lora(model, cfg):
     return get_peft_model(model, peft_config(cfg))
 
 
+RUN_INFO = "lorafit.json"  # beside an adapter: what PEFT's format does not carry (see save)
 CONVERTED_INITS = ("pissa", "olora")  # inits that move part of W into A0, B0: saved converted to plain LoRA
 INITIAL_ADAPTER = "initial_adapter"  # run_dir/initial_adapter: A0, B0, what the saved adapter is converted against
 
@@ -58,16 +94,28 @@ def save_initial_adapter(model, cfg, run_dir) -> None:
         config.init_lora_weights = PEFT_INIT[cfg.lora.init]
 
 
-def save(model, cfg, run_dir, out) -> None:
-    """The final adapter in plain PEFT format; PiSSA/OLoRA ones converted to plain LoRA on the original base."""
+def save(model, cfg, run_dir, out, labels: list[str] | None) -> None:
+    """The final adapter in plain PEFT format (PiSSA/OLoRA converted to plain LoRA on the original base), with
+    lorafit.json beside it: the labels, and the model and quant config in full, so `lorafit.merge` rebuilds the
+    very base it trained on (double quant, storage, compute dtype, revision)."""
+    import json
+
+    (out / RUN_INFO).write_text(json.dumps({"task": cfg.model.task, "labels": labels, "model": OmegaConf.to_container(cfg.model),
+                                            "quant": OmegaConf.to_container(cfg.quant)}, indent=1))
     if not (cfg.lora.init in CONVERTED_INITS and cfg.lora.method == "lora"):
         model.save_pretrained(str(out), safe_serialization=True)
         return
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import load_file, save_file
 
-    model.save_pretrained(str(out), safe_serialization=True,
-                          path_initial_model_for_weight_conversion=str(run_dir / INITIAL_ADAPTER))
+    import warnings
+
+    # To convert, peft loads the initial adapter beside the trained one, and then warns that a PiSSA/OLoRA adapter
+    # should be converted: the very conversion it is doing.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*changes the base weights", category=UserWarning)
+        model.save_pretrained(str(out), safe_serialization=True,
+                              path_initial_model_for_weight_conversion=str(run_dir / INITIAL_ADAPTER))
     # peft 0.21's conversion keeps the LoRA factors only: put back what is saved in full (a seq_cls head).
     path = out / "adapter_model.safetensors"
     saved = load_file(path)

@@ -30,7 +30,7 @@ def main(argv=None) -> Path:
     from lorafit.analysis import base as base_weights
     from lorafit.analysis.report import analyze, summary_line, write
     from lorafit.analysis.spectrum import read_adapter
-    from lorafit.config import UserError
+    from lorafit.errors import UserError
 
     args = parse_args(argv)
     if not 0 < args.energy <= 1:

@@ -13,23 +13,11 @@ import json
 import os
 import shutil
 import signal
-from contextlib import contextmanager
 from pathlib import Path
 
-from lorafit.config import UserError
+from lorafit.errors import UserError
 
 STATE_FILE = "trainer_state.json"
-
-
-@contextmanager
-def atomic_dir(out: Path):
-    """Write into a hidden sibling temp dir that replaces `out` whole on success: a crash leaves the old one or none."""
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    yield tmp
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)  # atomic on one filesystem
 
 
 def crash_point(point: str, step: int) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import sys
 
-from lorafit.config import UserError, debug_enabled
+from lorafit.errors import UserError, debug_enabled
 
 
 def user_errors_as_one_line(fn):

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorafit.checkpoint import atomic_dir
+from lorafit.errors import atomic_dir
 from lorafit.cli import user_errors_as_one_line
-from lorafit.config import UserError
+from lorafit.errors import UserError
 
 PLAN_FILE = "lowrank.json"
 SKIP = re.compile(r"(^|\.)(classifier|score|lm_head|out_proj)(\.|$)")  # task heads stay dense
@@ -88,7 +88,7 @@ def compress_model(model, energy: float | None, rank: int | None, method: str = 
                 low.down.weight.copy_(down)
                 if lin.bias is not None:
                     low.up.bias.copy_(lin.bias)
-            measured = float((low.up.weight.double() @ low.down.weight.double() - lin.weight.double()).norm()
+            measured = float((low.up.weight.detach().double() @ low.down.weight.detach().double() - lin.weight.detach().double()).norm()
                              / lin.weight.double().norm().clamp_min(1e-30))
             model.set_submodule(name, low)
             entry.update(factored=True, params_after=thin, flops_per_token_after=2 * thin, measured_rel_error=measured)
@@ -147,7 +147,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     from transformers import AutoConfig
 
-    from lorafit.models import _auto_class, resolve
+    from lorafit.models import auto_class, resolve
 
     args = parse_args(argv)
     if args.energy is not None and not 0 < args.energy <= 1:
@@ -157,7 +157,7 @@ def main(argv=None) -> dict:
     src = resolve(args.model)
     config = AutoConfig.from_pretrained(src)
     task = args.task or ("causal_lm" if any(a.endswith("ForCausalLM") for a in config.architectures or []) else "seq_cls")
-    model = _auto_class(task).from_pretrained(src, use_safetensors=True).eval()
+    model = auto_class(task).from_pretrained(src, use_safetensors=True).eval()
     before = _evaluate(model, args.eval, src) if args.eval else None
     report = compress_model(model, args.energy, args.rank, args.method, args.modules)
     report["task"] = task
@@ -185,7 +185,8 @@ def _evaluate(model, recipe: str, tokenizer_dir: str) -> dict:
     from lorafit import data
     from lorafit.config import CONF_DIR
     from lorafit.models import build_tokenizer
-    from lorafit.train import _loader, evaluate
+    from lorafit.data import loader
+    from lorafit.train import evaluate
 
     from hydra import compose, initialize_config_dir
 
@@ -195,8 +196,8 @@ def _evaluate(model, recipe: str, tokenizer_dir: str) -> dict:
     tok = build_tokenizer(cfg.model)
     _, eval_ds = data.tokenize(data.load_splits(cfg), tok, cfg)
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    loader = _loader(eval_ds, cfg.train.eval_batch_size, list(range(len(eval_ds))), tok.pad_token_id, acc, False)
-    return evaluate(model.to(acc.device), loader, cfg, acc)
+    batches = loader(eval_ds, cfg.train.eval_batch_size, list(range(len(eval_ds))), tok.pad_token_id, acc, False)
+    return evaluate(model.to(acc.device), batches, cfg, acc)
 
 
 if __name__ == "__main__":

@@ -12,33 +12,38 @@ import importlib.util
 import os
 import re
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from lorafit.errors import UserError
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
-TASKS = ("seq_cls", "causal_lm")
-DATA_SOURCES = ("bbc_news", "glue", "files", "sft")
-QUANT_MODES = ("none", "int8", "nf4")
-LORA_INITS = ("gaussian", "default", "pissa", "olora")
-OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
-SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
-PRECISIONS = ("auto", "no", "bf16", "fp16")
-TRACKERS = ("none", "wandb", "tensorboard")
+# The closed choices, as enums: OmegaConf rejects any other value at compose time, naming the key and the allowed
+# values. Members are str (StrEnum), so `cfg.model.task == "seq_cls"` and dict lookups work as with plain strings.
+Task = StrEnum("Task", ["seq_cls", "causal_lm"])
+DataSource = StrEnum("DataSource", ["bbc_news", "glue", "files", "sft"])
+QuantMode = StrEnum("QuantMode", ["none", "int8", "nf4"])
+FloatDtype = StrEnum("FloatDtype", ["float32", "bfloat16", "float16"])
+Method = StrEnum("Method", ["lora", "full"])
+LoraInit = StrEnum("LoraInit", ["gaussian", "default", "pissa", "olora"])
+Optimizer = StrEnum("Optimizer", ["adamw", "adamw_8bit", "paged_adamw_8bit"])
+Scheduler = StrEnum("Scheduler", ["linear", "cosine", "constant", "constant_with_warmup"])
+Precision = StrEnum("Precision", ["auto", "no", "bf16", "fp16"])
+OnNonfinite = StrEnum("OnNonfinite", ["stop", "skip"])
+Tracker = StrEnum("Tracker", ["none", "wandb", "tensorboard"])
+MergeDtype = StrEnum("MergeDtype", ["fp32", "bf16", "fp16"])
 MERGE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --dtype / hooks.merge.dtype
-
-
-class UserError(Exception):
-    """A problem the user can fix (a bad key, value, file or column). Printed as one line, without a traceback."""
 
 
 @dataclass
 class ModelConfig:
     name: str = "minilm-l6"  # a packaged alias (minilm-l6, smollm2-135m), a tiny test model, a local dir or a hub id
-    task: str = "seq_cls"  # seq_cls | causal_lm
-    dtype: str = "float32"  # dtype of the (unquantized) base weights: float32 | bfloat16 | float16
+    task: Task = Task.seq_cls
+    dtype: FloatDtype = FloatDtype.float32  # dtype of the (unquantized) base weights
     trust_remote_code: bool = False  # off unless asked: hub code runs with the user's rights
     revision: Optional[str] = None
     gradient_checkpointing: bool = False
@@ -49,7 +54,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "bbc_news"  # bbc_news | glue | files | sft
+    source: DataSource = DataSource.bbc_news
     task: Optional[str] = None  # GLUE task name with source=glue (mnli, sst2, ...)
     train_file: Optional[str] = None  # csv / jsonl / parquet for source=files|sft
     eval_file: Optional[str] = None
@@ -65,7 +70,7 @@ class DataConfig:
 
 @dataclass
 class LoraConfig:
-    method: str = "lora"  # lora | full (every parameter trains: the baseline a rank sweep is read against)
+    method: Method = Method.lora  # full (every parameter trains: the baseline a rank sweep is read against)
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0  # 0 by default: dropout costs ~45% of a CPU step on MiniLM and did not help accuracy here
@@ -73,7 +78,7 @@ class LoraConfig:
     modules_to_save: Optional[List[str]] = None  # seq_cls adds the classifier head automatically
     use_rslora: bool = False
     use_dora: bool = False
-    init: str = "gaussian"  # gaussian | default | pissa | olora
+    init: LoraInit = LoraInit.gaussian
     lr_ratio: Optional[float] = None  # LoRA+: lr of B = lr_ratio * lr of A
     rank_pattern: Dict[str, int] = field(default_factory=dict)
     alpha_pattern: Dict[str, float] = field(default_factory=dict)
@@ -81,8 +86,8 @@ class LoraConfig:
 
 @dataclass
 class QuantConfig:
-    mode: str = "none"  # none | int8 | nf4 (QLoRA), through bitsandbytes
-    compute_dtype: str = "bfloat16"
+    mode: QuantMode = QuantMode.none  # int8 | nf4 (QLoRA), through bitsandbytes
+    compute_dtype: FloatDtype = FloatDtype.bfloat16
     double_quant: bool = True
     quant_storage: Optional[str] = None  # e.g. bfloat16 for FSDP + QLoRA
 
@@ -95,19 +100,19 @@ class TrainConfig:
     lr: float = 5e-4
     weight_decay: float = 0.0
     warmup_ratio: float = 0.06
-    scheduler: str = "linear"
-    optimizer: str = "adamw"
+    scheduler: Scheduler = Scheduler.linear
+    optimizer: Optimizer = Optimizer.adamw
     max_steps: int = -1  # > 0 overrides epochs
     epochs: float = 1.0
     max_grad_norm: float = 1.0
-    mixed_precision: str = "auto"  # auto = bf16 on a GPU that supports it, else fp32
+    mixed_precision: Precision = Precision.auto  # auto = bf16 on a GPU that supports it, else fp32
     eval_every: int = 0  # 0 = only at the end
     save_every: int = 0  # 0 = no intermediate checkpoints
     keep_checkpoints: int = 2
     log_every: int = 10
     seed: int = 42
     resume: Optional[str] = None  # auto | PATH to a checkpoint dir
-    on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss does
+    on_nonfinite: OnNonfinite = OnNonfinite.stop  # what a NaN/inf loss does
 
 
 @dataclass
@@ -124,7 +129,7 @@ class SpectrumHook:
 @dataclass
 class MergeHook:
     dir: str = "merged"
-    dtype: str = "fp32"
+    dtype: MergeDtype = MergeDtype.fp32
 
 
 @dataclass
@@ -137,7 +142,7 @@ class HooksConfig:
 
 @dataclass
 class LoggingConfig:
-    backend: str = "none"  # none | wandb | tensorboard
+    backend: Tracker = Tracker.none
     project: str = "lorafit"
     run_name: Optional[str] = None
     group: Optional[str] = None
@@ -157,30 +162,12 @@ class Config:
 ConfigStore.instance().store(name="lorafit_schema", node=Config)
 
 
-def _choice(errors: list, key: str, value, choices) -> None:
-    if value not in choices:
-        errors.append(f"{key}={value!r} is not one of: {', '.join(map(str, choices))}")
-
-
 def validate(cfg) -> None:
     """Check the composed config; raise one UserError listing every problem found."""
     errors: list[str] = []
     m, d, lo, q, t = cfg.model, cfg.data, cfg.lora, cfg.quant, cfg.train
-    _choice(errors, "model.task", m.task, TASKS)
-    _choice(errors, "model.dtype", m.dtype, ("float32", "bfloat16", "float16"))
-    _choice(errors, "data.source", d.source, DATA_SOURCES)
-    _choice(errors, "quant.mode", q.mode, QUANT_MODES)
-    _choice(errors, "lora.init", lo.init, LORA_INITS)
-    _choice(errors, "lora.method", lo.method, ("lora", "full"))
     if lo.method == "full" and q.mode != "none":
         errors.append(f"lora=full trains every weight and can't run on quant.mode={q.mode} (4-/8-bit weights are frozen)")
-    _choice(errors, "train.optimizer", t.optimizer, OPTIMIZERS)
-    _choice(errors, "train.scheduler", t.scheduler, SCHEDULERS)
-    _choice(errors, "train.mixed_precision", t.mixed_precision, PRECISIONS)
-    _choice(errors, "train.on_nonfinite", t.on_nonfinite, ("stop", "skip"))
-    _choice(errors, "logging.backend", cfg.logging.backend, TRACKERS)
-    if cfg.hooks.merge is not None:
-        _choice(errors, "hooks.merge.dtype", cfg.hooks.merge.dtype, MERGE_DTYPES)
     if cfg.hooks.spectrum is not None and not 0 < cfg.hooks.spectrum.energy <= 1:
         errors.append(f"hooks.spectrum.energy={cfg.hooks.spectrum.energy} must be in (0, 1]")
 
@@ -228,7 +215,8 @@ def validate(cfg) -> None:
     if d.source == "glue":
         from lorafit.data import GLUE_TASKS
 
-        _choice(errors, "data.task", d.task, tuple(GLUE_TASKS))
+        if d.task not in GLUE_TASKS:
+            errors.append(f"data.task={d.task!r} is not one of: {', '.join(GLUE_TASKS)}")
     if d.source in ("files", "sft"):
         for key in ("train_file", "eval_file"):
             path = getattr(d, key)
@@ -252,7 +240,6 @@ def validate(cfg) -> None:
             errors.append(f"quant.mode={q.mode} needs bitsandbytes: pip install bitsandbytes (or set quant=none)")
         if lo.init in ("pissa", "olora"):
             errors.append(f"lora.init={lo.init} needs a float base and can't run on quant.mode={q.mode}")
-        _choice(errors, "quant.compute_dtype", q.compute_dtype, ("float32", "bfloat16", "float16"))
         if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and q.quant_storage is None:
             errors.append(f"quant.mode={q.mode} under FSDP needs quant.quant_storage=bfloat16 (FSDP flattens the "
                           "4-bit weights together with the bf16 ones)")
@@ -261,13 +248,9 @@ def validate(cfg) -> None:
     if cfg.logging.backend == "wandb" and importlib.util.find_spec("wandb") is None:
         errors.append("logging.backend=wandb needs wandb: pip install wandb")
 
-    if m.task in TASKS and lo.method == "lora":  # checks against the model's own modules, built on the meta device (no weights loaded)
-        from lorafit.models import check_targets
+    if lo.method == "lora":  # checks against the model's own modules, built on the meta device (no weights loaded)
+        from lorafit.adapters import check_targets
 
         errors += check_targets(cfg)
     if errors:
         raise UserError("invalid config:\n  - " + "\n  - ".join(errors))
-
-
-def debug_enabled() -> bool:
-    return os.environ.get("LORAFIT_DEBUG", "") not in ("", "0")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lorafit.config import UserError
+from lorafit.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -264,3 +264,18 @@ def collate(rows: list[dict], pad_id: int, pack: bool = False) -> dict[str, torc
         else:  # one label per row: an int class or a float regression target
             batch[key] = torch.tensor([r[key] for r in rows])
     return batch
+
+
+def loader(ds, batch_size: int, order: list[int], pad_id: int, accelerator, drop_last: bool, pack: bool = False):
+    """Batches of `ds` in `order`, collated, sharded over accelerate's processes and put on its device."""
+    from functools import partial
+
+    from accelerate.data_loader import prepare_data_loader
+    from torch.utils.data import DataLoader
+
+    # Its own generator: a DataLoader otherwise draws a seed from the global RNG at every iter(), which would
+    # shift the dropout masks of a resumed run (it starts a fresh iterator right after restoring the RNG).
+    dl = DataLoader(ds, batch_size=batch_size, sampler=order, drop_last=drop_last, generator=torch.Generator(),
+                    collate_fn=partial(collate, pad_id=pad_id, pack=pack))
+    return prepare_data_loader(dl, accelerator.device, num_processes=accelerator.num_processes,
+                               process_index=accelerator.process_index, put_on_device=True)

@@ -5,15 +5,13 @@ Select them with `hooks=[save_adapter,spectrum,merge]`; each one's options are `
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from lorafit import adapters
-from lorafit.checkpoint import atomic_dir
-from lorafit.merge import RUN_INFO
+from lorafit.errors import atomic_dir
 from lorafit.metrics import mean
 
 
@@ -34,13 +32,8 @@ def save_adapter(ctx: RunContext) -> None:
     With lora=full there is no adapter: the whole model goes to run_dir/model instead."""
     out = ctx.run_dir / ("model" if ctx.cfg.lora.method == "full" else ctx.cfg.hooks.save_adapter.dir)
     with atomic_dir(out) as tmp:  # the final adapter appears whole or not at all
-        adapters.save(ctx.model, ctx.cfg, ctx.run_dir, tmp)
+        adapters.save(ctx.model, ctx.cfg, ctx.run_dir, tmp, ctx.labels)
         ctx.tokenizer.save_pretrained(tmp)
-        # What PEFT's format leaves out, for `lorafit.merge`: labels, and the model and quantization config in full,
-        # so a QLoRA merge rebuilds the very base it trained on (double quant, storage, compute dtype, revision).
-        info = {"task": ctx.cfg.model.task, "labels": ctx.labels, "model": OmegaConf.to_container(ctx.cfg.model),
-                "quant": OmegaConf.to_container(ctx.cfg.quant)}
-        (tmp / RUN_INFO).write_text(json.dumps(info, indent=1))
     ctx.summary["adapter_dir"] = str(out)
 
 

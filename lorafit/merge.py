@@ -26,15 +26,15 @@ from pathlib import Path
 import torch
 
 from lorafit.cli import user_errors_as_one_line
-from lorafit.checkpoint import atomic_dir
-from lorafit.config import MERGE_DTYPES, UserError
+from lorafit.errors import atomic_dir
+from lorafit.config import MERGE_DTYPES
+from lorafit.errors import UserError
 
 # Max abs logit diff, relative to the logits' scale. A wrong merge (scaling, transposition, a missed module) is off
 # by O(1); fp32 rounding alone reached 1.6e-4 on a tiny model trained at a high lr (float64: exact), hence 1e-3.
 TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2, "fp16": 1e-2}
 PROBE_TEXTS = ["Shares in the bank rose after profits beat forecasts.", "The striker scored twice in the final.",
                "A new phone chip promises longer battery life.", "Parliament votes on the budget next week."]
-RUN_INFO = "lorafit.json"  # beside an adapter: task and label names, which PEFT's format does not carry
 
 
 @torch.no_grad()
@@ -143,6 +143,7 @@ def _tied(model) -> bool:
 def stream_merge(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str | None = None, allow_pickle: bool = False,
                  probes: int = 8) -> dict:
     """Merge shard by shard: read a shard, add s·B·A to its targeted tensors, write it, free it."""
+    from peft import LoraConfig
     from tqdm.auto import tqdm
 
     from lorafit.analysis.base import _match
@@ -151,6 +152,7 @@ def stream_merge(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str | 
 
     _return_freed_memory_promptly()
     config, state = read_adapter(adapter_dir, allow_pickle=allow_pickle)
+    lora_config = LoraConfig.from_pretrained(str(adapter_dir))
     factors, skipped = lora_factors(config, state)
     if any(f.magnitude is not None for f in factors) or skipped:
         raise UserError("--stream merges plain LoRA factors only (no DoRA, no incomplete factors); merge without --stream")
@@ -175,7 +177,7 @@ def stream_merge(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str | 
         for shard in tqdm(shards, desc="merge shards", disable=len(shards) < 2):
             header, start = _header(shard)
             with open(shard, "rb") as src:
-                tensors = _merged_tensors(src, header, start, targets, replaced, fan_in_fan_out, out_dtype,
+                tensors = _merged_tensors(src, header, start, targets, replaced, lora_config, fan_in_fan_out, out_dtype,
                                           probe_errors, g, probes)
                 _write_streaming(tmp / shard.name, header, tensors, out_dtype)
         if replaced:
@@ -197,8 +199,8 @@ def stream_merge(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str | 
     return report
 
 
-def _merged_tensors(src, header: dict, start: int, targets: dict, replaced: dict, fan_in_fan_out: bool, out_dtype,
-                    probe_errors: dict, g, probes: int):
+def _merged_tensors(src, header: dict, start: int, targets: dict, replaced: dict, lora_config, fan_in_fan_out: bool,
+                    out_dtype, probe_errors: dict, g, probes: int):
     """One shard's tensors, one at a time (peak memory ~ the largest tensor, not the shard), with s·B·A added to the
     targeted ones, the worst probe error per merged dtype kept in `probe_errors`, and modules_to_save swapped in."""
     for key, meta in header.items():
@@ -210,7 +212,8 @@ def _merged_tensors(src, header: dict, start: int, targets: dict, replaced: dict
             merged = (W.float() + delta).to(W.dtype)
             del delta
             name = DTYPE_NAMES.get(merged.dtype, "fp32")
-            probe_errors[name] = max(probe_errors.get(name, 0.0), _probe_module(W, merged, f, fan_in_fan_out, g, probes))
+            error = _probe_module(W, merged, f, lora_config, fan_in_fan_out, g, probes)
+            probe_errors[name] = max(probe_errors.get(name, 0.0), error)
             W = merged
         elif key in replaced:
             if replaced[key].shape != W.shape:
@@ -289,19 +292,29 @@ def _write_streaming(path: Path, src_header: dict, tensors, out_dtype) -> None:
                 f.write(t.contiguous().view(-1).view(torch.uint8).numpy())
 
 
-def _probe_module(W0, merged, f, fan_in_fan_out: bool, g, n: int, rows: int = 1024) -> float:
-    """Relative |merged·x - (W0·x + s·B·(A·x))| on random x: the module-level version of the logit check.
-    Row blocks keep the float copies small."""
-    if fan_in_fan_out or f.kind == "embedding":
-        W0, merged = W0.T, merged.T  # as d_out × d_in
-    x = torch.randn(merged.shape[1], n, generator=g)
-    low = f.B @ (f.A @ x) * f.scale
-    err = top = 0.0
-    for i in range(0, merged.shape[0], rows):
-        want = W0[i : i + rows].float() @ x + low[i : i + rows]
-        err = max(err, float((merged[i : i + rows].float() @ x - want).abs().max()))
-        top = max(top, float(want.abs().max()))
-    return err / max(top, 1e-12)
+def _probe_module(W0, merged, f, lora_config, fan_in_fan_out: bool, g, n: int) -> float:
+    """Relative |merged·x − y| on random x, where y is what the adapter model computes for this module: for a
+    Linear, peft's own LoRA layer around W0, with peft's rank and alpha patterns, scaling and order of operations
+    (not the scale the merge took from lora_factors); for Conv1D and embedding LoRA, W0·x + s·B·(A·x)."""
+    x = torch.randn(n, merged.shape[0] if fan_in_fan_out or f.kind == "embedding" else merged.shape[1], generator=g)
+    if f.kind == "linear" and not fan_in_fan_out:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+        from peft.utils.other import get_pattern_key
+
+        r = lora_config.rank_pattern.get(get_pattern_key(lora_config.rank_pattern.keys(), f.name), lora_config.r)
+        alpha = lora_config.alpha_pattern.get(get_pattern_key(lora_config.alpha_pattern.keys(), f.name), lora_config.lora_alpha)
+        base = torch.nn.Linear(W0.shape[1], W0.shape[0], bias=False, device="meta")
+        base.weight = torch.nn.Parameter(W0.float(), requires_grad=False)
+        layer = LoraLinear(base, "default", config=lora_config, r=r, lora_alpha=alpha, init_lora_weights=False).eval()
+        layer.load_state_dict({"lora_A.default.weight": f.A, "lora_B.default.weight": f.B}, strict=False)
+        with torch.no_grad():
+            want = layer(x)
+        got = x @ merged.float().T
+    else:
+        W0, merged = (W0, merged) if fan_in_fan_out or f.kind == "embedding" else (W0.T, merged.T)  # as d_in × d_out
+        want = x @ W0.float() + (x @ f.A.T) @ f.B.T * f.scale
+        got = x @ merged.float()
+    return float((got - want).abs().max()) / max(float(want.abs().max()), 1e-12)
 
 
 # --- CLI -----------------------------------------------------------------------------------------------------------
@@ -309,6 +322,8 @@ def _probe_module(W0, merged, f, fan_in_fan_out: bool, g, n: int, rows: int = 10
 def _run_info(adapter_dir: Path, state: dict, config: dict, base: str) -> dict:
     """Task, labels, model and quant config of the run that trained this adapter (best guesses for foreign ones:
     the task from peft's task_type, or else from the base's architecture)."""
+    from lorafit.adapters import RUN_INFO
+
     path = adapter_dir / RUN_INFO
     if path.is_file():
         info = json.loads(path.read_text())

@@ -11,14 +11,13 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from lorafit.config import UserError
+from lorafit.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +163,7 @@ def load_config(cfg_model):
         raise _hub_error(cfg_model, e) from None
 
 
-def _auto_class(task: str):
+def auto_class(task: str):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     return AutoModelForSequenceClassification if task == "seq_cls" else AutoModelForCausalLM
@@ -224,7 +223,7 @@ def build_model(cfg, labels: list[str] | None = None, quantize: bool = True):
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
     try:
-        model = _auto_class(m.task).from_pretrained(resolve(m.name), **kwargs)
+        model = auto_class(m.task).from_pretrained(resolve(m.name), **kwargs)
     except (OSError, ValueError) as e:
         raise _hub_error(m, e) from None
     if m.task == "seq_cls" and model.config.pad_token_id is None:
@@ -254,47 +253,23 @@ def one_4bit_compute_path(model) -> int:
     return len(layers)
 
 
-def linear_modules(cfg) -> dict[str, tuple[int, int]]:
-    """{module name: (in_features, out_features)} of every Linear-like module, from a weightless meta-device build."""
-    from transformers.pytorch_utils import Conv1D
-
+def meta_model(cfg):
+    """The task model's skeleton on the meta device: every module and shape, no weights loaded."""
     config = load_config(cfg.model)
     if cfg.model.task == "seq_cls":
         config.num_labels = max(getattr(config, "num_labels", 2), 2)
     with torch.device("meta"):
-        skeleton = _auto_class(cfg.model.task).from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+        return auto_class(cfg.model.task).from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def linear_modules(model) -> dict[str, tuple[int, int]]:
+    """{module name: (in_features, out_features)} of every Linear-like module."""
+    from transformers.pytorch_utils import Conv1D
+
     out = {}
-    for name, mod in skeleton.named_modules():
+    for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear):
             out[name] = (mod.in_features, mod.out_features)
         elif isinstance(mod, Conv1D):  # GPT-2 style: weight stored transposed (fan_in_fan_out)
             out[name] = tuple(mod.weight.shape)
     return out
-
-
-def check_targets(cfg) -> list[str]:
-    """Problems with lora.target_modules / lora.r against the model's real modules (the names are listed)."""
-    try:
-        linears = linear_modules(cfg)
-    except UserError as e:
-        return [str(e)]
-    leaf_names = sorted({n.rsplit(".", 1)[-1] for n in linears if not n.startswith(HEAD_NAMES)})
-    heads = tuple(HEAD_NAMES) + ("lm_head",)
-    tm = cfg.lora.target_modules
-    if tm == "all-linear":
-        matched = [n for n in linears if not n.split(".")[0] in heads and n.rsplit(".", 1)[-1] not in heads]
-    elif isinstance(tm, str):
-        matched = [n for n in linears if re.fullmatch(tm, n)]
-        if not matched:
-            return [f"lora.target_modules={tm!r} matches no Linear module; this model has: {', '.join(leaf_names)}"]
-    else:
-        missing = [t for t in tm if not any(n == t or n.endswith("." + t) for n in linears)]
-        if missing:
-            return [f"lora.target_modules: {', '.join(map(repr, missing))} match no Linear module of "
-                    f"{cfg.model.name}; it has: {', '.join(leaf_names)}"]
-        matched = [n for n in linears if any(n == t or n.endswith("." + t) for t in tm)]
-    too_small = sorted({f"{n.rsplit('.', 1)[-1]} (min dim {min(linears[n])})" for n in matched
-                        if cfg.lora.r > min(linears[n])})
-    if cfg.lora.r > 0 and too_small:
-        return [f"lora.r={cfg.lora.r} exceeds min(d, k) of {', '.join(too_small)}: lower lora.r"]
-    return []

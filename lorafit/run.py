@@ -69,11 +69,17 @@ def _accelerator(cfg, run_dir: Path):
 def _quiet_libraries() -> None:
     """Keep the terminal for lorafit's own progress bar and summary: libraries show errors only, and warnings
     that concern the run (truncation, bad data) come from lorafit's own logger."""
+    import warnings
+
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)  # int8 warns on every matmul
+    # At import, on AVX512-BF16 CPUs: an optional fused 4-bit kernel lorafit never runs (models.one_4bit_compute_path).
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # peft 0.21 calls transformers 5's deprecated name on every get_peft_model: nothing for the user to change.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
 
 
 def run(cfg, run_dir: Path | None = None) -> float:

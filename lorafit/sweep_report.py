@@ -120,7 +120,7 @@ def phi_vs_largest(runs: list[dict]) -> dict:
 
 
 def write_report(sweep_dir: Path, tolerance: float = 0.005) -> Path:
-    from lorafit.config import UserError
+    from lorafit.errors import UserError
 
     runs = collect(sweep_dir)
     if not runs:
@@ -262,7 +262,7 @@ def main(argv=None) -> Path:
     p.add_argument("--tolerance", type=float, default=0.005,
                    help="how close to the best a rank must be (metric units; relative for perplexity/loss). Default 0.005")
     args = p.parse_args(argv)
-    from lorafit.config import UserError
+    from lorafit.errors import UserError
 
     if not Path(args.sweep_dir).is_dir():
         raise UserError(f"{args.sweep_dir}: no such sweep dir")

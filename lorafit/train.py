@@ -17,19 +17,16 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate.data_loader import prepare_data_loader
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from lorafit import checkpoint, metrics
-from lorafit.config import UserError
-from lorafit.data import collate
+from lorafit.errors import UserError
+from lorafit.data import loader
 
 
 @dataclass
@@ -91,11 +88,11 @@ def build_optimizer(model, cfg):
 
 
 @torch.no_grad()
-def evaluate(model, loader, cfg, accelerator) -> dict:
+def evaluate(model, batches, cfg, accelerator) -> dict:
     """Metrics over the eval split, gathered across processes with padding duplicates dropped."""
     model.eval()
     task, rows = cfg.model.task, []
-    for batch in loader:
+    for batch in batches:
         if task == "causal_lm":
             out = torch.stack(loss_sum(model, batch, task), 1).double()
         else:
@@ -113,15 +110,6 @@ def evaluate(model, loader, cfg, accelerator) -> dict:
     return {**out, "n": len(res)}  # rows evaluated: each exactly once, however many processes
 
 
-def _loader(ds, batch_size, order, pad_id, accelerator, drop_last, pack=False):
-    # Its own generator: a DataLoader otherwise draws a seed from the global RNG at every iter(), which would
-    # shift the dropout masks of a resumed run (it starts a fresh iterator right after restoring the RNG).
-    dl = DataLoader(ds, batch_size=batch_size, sampler=order, drop_last=drop_last, generator=torch.Generator(),
-                    collate_fn=partial(collate, pad_id=pad_id, pack=pack))
-    return prepare_data_loader(dl, accelerator.device, num_processes=accelerator.num_processes,
-                               process_index=accelerator.process_index, put_on_device=True)
-
-
 def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, log) -> TrainResult:
     t, task, pad_id, nproc = cfg.train, cfg.model.task, tokenizer.pad_token_id, accelerator.num_processes
     per_epoch = len(train_ds) // (t.batch_size * nproc)  # micro-batches per process per epoch (drop_last)
@@ -137,7 +125,7 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
     accelerator.register_for_checkpointing(scheduler)
     checkpoint.keep_only_trainable(accelerator, model)
     lengths = np.array([len(ids) for ids in eval_ds["input_ids"]])  # eval sorted by length: little padding
-    eval_loader = _loader(eval_ds, t.eval_batch_size, np.argsort(lengths, kind="stable").tolist(), pad_id, accelerator, False)
+    eval_loader = loader(eval_ds, t.eval_batch_size, np.argsort(lengths, kind="stable").tolist(), pad_id, accelerator, False)
 
     start = 0
     if (ckpt := checkpoint.find(t.resume, run_dir)) is not None:
@@ -152,8 +140,8 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
         epoch, skip = divmod(first, per_epoch)
         while True:
             order = epoch_order(len(train_ds), t.batch_size * nproc, t.seed + epoch, lengths)
-            loader = _loader(train_ds, t.batch_size, order, pad_id, accelerator, True, cfg.data.packing)
-            yield from (accelerator.skip_first_batches(loader, skip) if skip else loader)
+            batches = loader(train_ds, t.batch_size, order, pad_id, accelerator, True, cfg.data.packing)
+            yield from (accelerator.skip_first_batches(batches, skip) if skip else batches)
             epoch, skip = epoch + 1, 0
 
     stream, params = micro_batches(start * t.grad_accum), [p for p in model.parameters() if p.requires_grad]

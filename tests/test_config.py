@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 from conftest import REPO, compose, run_cli
 
-from lorafit.config import UserError, validate
+from lorafit.config import validate
+from lorafit.errors import UserError
 
 RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
 
@@ -61,7 +61,6 @@ BAD = [
     (["model.name=/no/such/dir"], "not a model dir"),
     (["data=files"], "data.train_file is required"),
     (["train.lr=0"], "train.lr=0"),
-    (["model.task=regress"], "model.task='regress' is not one of"),
     (["quant=nf4", "lora.init=pissa"], "needs a float base"),
 ]
 
@@ -71,6 +70,18 @@ def test_validation_names_the_key(overrides, message):
     with pytest.raises(UserError) as e:
         validate(compose(*overrides))
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("override,allowed", [("model.task=regress", "[seq_cls, causal_lm]"),
+                                              ("quant.mode=fp3", "[none, int8, nf4]"),
+                                              ("train.mixed_precision=fp8", "[auto, no, bf16, fp16]")])
+def test_closed_choices_are_refused_at_compose_time_naming_key_and_values(override, allowed):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as e:
+        compose(override)
+    message = str(e.value.__cause__)
+    assert f"full_key: {override.split('=')[0]}" in message and f"expected one of {allowed}" in message
 
 
 def test_unknown_target_lists_the_models_linear_names():

@@ -64,7 +64,7 @@ def test_collate_pads_to_the_longest_row_only():
 def test_chat_template_that_is_not_prefix_stable_is_refused():
     import pytest
 
-    from lorafit.config import UserError
+    from lorafit.errors import UserError
 
     tok = build_tokenizer(compose("model=tiny-llama").model)
     # A template that numbers turns from the end rewrites every earlier turn once another is added.
@@ -76,7 +76,7 @@ def test_chat_template_that_is_not_prefix_stable_is_refused():
 def test_a_files_dataset_with_a_single_label_is_refused(tmp_path):
     import pytest
 
-    from lorafit.config import UserError
+    from lorafit.errors import UserError
 
     for name in ("t.csv", "e.csv"):
         (tmp_path / name).write_text("text,label\n" + "".join(f"row {i},spam\n" for i in range(8)))

@@ -22,6 +22,10 @@ def test_default_minilm_on_bbc_news(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["eval"]["accuracy"] >= 0.7  # 60 steps, chance is 0.2; the full 150-step default reaches ~0.94
     assert "eval accuracy:" in out.stdout and str(tmp_path) in out.stdout  # the closing summary says where the run is
+    # The first screen is lorafit's own: no library warnings about things the user can't change.
+    import re
+
+    assert not re.search(r"\w+Warning:", out.stderr) and "kernels-community" not in out.stderr, out.stderr[-2000:]
     # Plain peft on the packaged base reproduces the merged model, classifier head included.
     tok = AutoTokenizer.from_pretrained(tmp_path / "adapter")
     batch = tok(["Shares in the bank rose after profits beat forecasts", "The striker scored twice in the final"],

@@ -197,12 +197,18 @@ def test_streaming_merge_swaps_in_a_biased_head_bitwise(tmp_path, cls_run):
     assert torch.equal(streamed["classifier.bias"], bias) and streamed["classifier.weight"].shape == (3, 64)
 
 
-def test_streaming_merge_holds_the_probe_to_its_tolerance(tmp_path, lm_runs, monkeypatch):
+def test_streaming_merge_probe_checks_against_peft_not_its_own_factors(tmp_path, lm_runs, monkeypatch):
+    """The probe compares each merged module with peft's own LoRA layer around W0: a merge that gets the scale
+    wrong (here: twice alpha/r) fails it, though W·x = W0·x + s·B·(A·x) holds for the wrong s. Nothing is saved."""
     from lorafit import merge
-    from lorafit.config import UserError
+    from lorafit.analysis import spectrum
+    from lorafit.errors import UserError
     from lorafit.models import resolve
 
-    monkeypatch.setattr(merge, "_probe_module", lambda *a, **k: 0.5)  # as if a merged module were off by 50%
+    right = merge.stream_merge(Path(resolve("tiny-llama")), lm_runs[0] / "adapter", tmp_path / "ok")
+    assert right["max_abs_diff_module_probe"] < 1e-5 and right["merged_modules"] == 14
+    real_scale = spectrum._scale
+    monkeypatch.setattr(spectrum, "_scale", lambda *a: 2 * real_scale(*a))
     with pytest.raises(UserError, match="merge check failed"):
         merge.stream_merge(Path(resolve("tiny-llama")), lm_runs[0] / "adapter", tmp_path / "out")
     assert not (tmp_path / "out").exists()

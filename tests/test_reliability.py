@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLS_EVAL, CLS_TRAIN, REPO, TINY_CLS, metrics_lines, run_cli
+from conftest import CLS_EVAL, CLS_TRAIN, TINY_CLS, metrics_lines, run_cli
 from safetensors.torch import load_file
 
 RESUMABLE = [*TINY_CLS, "train.max_steps=10", "train.save_every=2", "train.keep_checkpoints=3", "lora.dropout=0.1",
@@ -36,7 +34,7 @@ def test_sigkill_anywhere_then_resume_is_bitwise_identical(tmp_path, uninterrupt
     resumed = run_cli(*RESUMABLE, "train.resume=auto", f"hydra.run.dir={tmp_path}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     expected_start = {"step:1": 0, "step:5": 4, "save:6": 4, "step:9": 8}[fault]
-    assert (f"resumed from" in resumed.stdout) == (expected_start > 0)
+    assert ("resumed from" in resumed.stdout) == (expected_start > 0)
     if expected_start:
         assert f"at step {expected_start}/10" in resumed.stdout
     a = load_file(uninterrupted / "adapter" / "adapter_model.safetensors")

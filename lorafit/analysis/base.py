@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from lorafit.config import UserError
+from lorafit.errors import UserError
 
 BaseWeights = Callable[[str], "torch.Tensor | None"]
 

@@ -19,14 +19,13 @@ spectrum.json (schema 1):
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lorafit.config import UserError
+from lorafit.errors import UserError
 from lorafit.metrics import mean
 
 from lorafit.analysis.spectrum import (base_metrics, dora_delta, energy_rank, layer_index, lora_factors, lowrank_svd,
@@ -131,7 +130,7 @@ def markdown(doc: dict, images: list[str]) -> str:
         lines += ["## Rank advice", "",
                   f"To keep {adv['energy_target']:.0%} of each ΔW's energy (Eckart–Young: the best rank-k approximation "
                   "keeps the top k singular values):", "", "```", f"python -m lorafit ... {adv['override']}", "```", "",
-                  f"| adapter | parameters |", "| --- | ---: |", f"| now | {adv['params_now']:,} |",
+                  "| adapter | parameters |", "| --- | ---: |", f"| now | {adv['params_now']:,} |",
                   f"| rank_pattern | {adv['params_rank_pattern']:,} |", f"| global r={adv['global_r']} | {adv['params_global_r']:,} |",
                   ""]
     with_base = any("base" in m for m in ms)

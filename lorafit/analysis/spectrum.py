@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from lorafit.config import UserError
+from lorafit.errors import UserError
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS, PICKLE_WEIGHTS = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 
