@@ -89,7 +89,7 @@ def compress_model(model, energy: float | None, rank: int | None, method: str = 
                 if lin.bias is not None:
                     low.up.bias.copy_(lin.bias)
             measured = float((low.up.weight.detach().double() @ low.down.weight.detach().double() - lin.weight.detach().double()).norm()
-                             / lin.weight.double().norm().clamp_min(1e-30))
+                             / lin.weight.detach().double().norm().clamp_min(1e-30))
             model.set_submodule(name, low)
             entry.update(factored=True, params_after=thin, flops_per_token_after=2 * thin, measured_rel_error=measured)
         else:
