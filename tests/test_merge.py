@@ -234,3 +234,21 @@ def test_qlora_merge_cli_rebuilds_the_base_the_run_trained_on(tmp_path):
     hook = AutoModelForCausalLM.from_pretrained(run_dir / "merged").state_dict()
     cli = AutoModelForCausalLM.from_pretrained(tmp_path / "cli").state_dict()
     assert all(torch.equal(hook[k], cli[k]) for k in hook), [k for k in hook if not torch.equal(hook[k], cli[k])][:3]
+
+
+def test_merge_must_match_the_trained_model_or_nothing_is_saved(tmp_path, lm_runs):
+    """merged vs trained is enforced, not only recorded: a reference that computes something else is refused."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import compose
+    from lorafit.errors import UserError
+    from lorafit.merge import merge_and_verify, merge_base
+    from lorafit.models import resolve
+
+    cfg = compose(*TINY_LM)
+    probe = {"input_ids": torch.randint(5, 500, (2, 12), generator=torch.Generator().manual_seed(0))}
+    other = AutoModelForCausalLM.from_pretrained(resolve("tiny-llama"))  # the base alone: not what was trained
+    with pytest.raises(UserError, match="the merged model and the trained model differ"):
+        merge_and_verify(merge_base(cfg, None, "fp32"), [lm_runs[0] / "adapter"], tmp_path / "m", probe, cfg,
+                         reference=other)
+    assert not (tmp_path / "m").exists()
