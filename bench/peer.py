@@ -65,7 +65,7 @@ def main(s: dict, extra: dict) -> dict:
     args = TrainingArguments(output_dir="/tmp/peer-out", per_device_train_batch_size=s["batch"], per_device_eval_batch_size=16,
                              learning_rate=s["lr"], max_steps=s["steps"], warmup_steps=int(0.06 * s["steps"]), lr_scheduler_type="linear",
                              logging_steps=10, save_strategy="no", eval_strategy="no", report_to=[], seed=42,
-                             use_cpu=not torch.cuda.is_available(), dataloader_drop_last=True)
+                             use_cpu=not torch.cuda.is_available(), dataloader_drop_last=True, bf16=extra.get("bf16", False))
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=ev, data_collator=collator, callbacks=[clock])
     n_tokens = 0
     orig = trainer.training_step

@@ -26,21 +26,26 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from lorafit.hardware import resolve_precision  # noqa: E402
+
+# "equal" runs both sides in the precision lorafit's `auto` picks on this machine (bf16 where the CPU has it)
+EQUAL_BF16 = resolve_precision("auto") == "bf16"
 LORAFIT_FLAGS = {  # what "defaults" and "equal" mean on the lorafit side, per job
     ("a", "defaults"): ["recipe=bbc_news"],
-    ("a", "equal"): ["recipe=bbc_news", "lora.dropout=0.1", "model.dropout=null"],
+    # equal: peft's default init (kaiming A) as the peer has, its dropout, the same precision
+    ("a", "equal"): ["recipe=bbc_news", "lora.dropout=0.1", "model.dropout=null", "lora.init=default"],
     ("b", "defaults"): ["recipe=sft_jsonl"],
-    ("b", "equal"): ["recipe=sft_jsonl", "lora.dropout=0.1"],  # SmolLM2's own dropout is 0 on both sides
+    ("b", "equal"): ["recipe=sft_jsonl", "lora.dropout=0.1", "lora.init=default"],  # SmolLM2's own dropout is 0
 }
-PEER_FLAGS = {("a", "defaults"): {"lora_dropout": 0.1}, ("a", "equal"): {"lora_dropout": 0.1},
-              ("b", "defaults"): {"lora_dropout": 0.1}, ("b", "equal"): {"lora_dropout": 0.1}}
+PEER_FLAGS = {("a", "defaults"): {"lora_dropout": 0.1}, ("a", "equal"): {"lora_dropout": 0.1, "bf16": EQUAL_BF16},
+              ("b", "defaults"): {"lora_dropout": 0.1}, ("b", "equal"): {"lora_dropout": 0.1, "bf16": EQUAL_BF16}}
 
 
 def sft_files(work: Path, n_train: int = 400, n_eval: int = 32) -> tuple[Path, Path]:
     """Prompt/response pairs of widely varying length: 1 to 12 sentences of an article, answered with its topic."""
     import random
 
-    sys.path.insert(0, str(REPO))
     from lorafit.data import _bbc_news
 
     splits, rng = _bbc_news(n_eval), random.Random(0)

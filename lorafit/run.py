@@ -9,7 +9,6 @@ import re
 import time
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
 from lorafit.config import validate
@@ -59,11 +58,12 @@ def _sweep_group() -> str | None:
 def _accelerator(cfg, run_dir: Path):
     from accelerate import Accelerator
 
-    precision = cfg.train.mixed_precision
-    if precision == "auto":  # bf16 where the hardware has it; fp32 on CPU, where autocast only slows things down
-        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    from lorafit.hardware import resolve_precision
+
     backend = None if cfg.logging.backend == "none" else cfg.logging.backend
-    return Accelerator(mixed_precision=precision, log_with=backend, project_dir=str(run_dir))
+    # auto: bf16 autocast where the GPU or CPU computes bf16 natively (AVX512-BF16, AMX), fp32 elsewhere
+    return Accelerator(mixed_precision=resolve_precision(cfg.train.mixed_precision), log_with=backend,
+                       project_dir=str(run_dir))
 
 
 def _quiet_libraries() -> None:
@@ -133,6 +133,7 @@ def run(cfg, run_dir: Path | None = None) -> float:
         "samples_per_s": result.samples / (result.wall_s - result.eval_s) if result.wall_s > result.eval_s else None,
         "tokens_per_s": result.tokens / (result.wall_s - result.eval_s) if result.wall_s > result.eval_s else None,
         "skipped_steps": result.skipped_steps, "processes": accelerator.num_processes,
+        "precision": PRECISION_NAMES[accelerator.mixed_precision], **_utilization(result, accelerator),
     }
     if accelerator.is_main_process:
         probe = data.collate([eval_ds[i] for i in range(min(8, len(eval_ds)))], tokenizer.pad_token_id)
@@ -147,11 +148,28 @@ def run(cfg, run_dir: Path | None = None) -> float:
     return result.eval.get(metric, float("nan"))
 
 
+PRECISION_NAMES = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}  # accelerate's mixed_precision -> what ran
+
+
+def _utilization(result, accelerator) -> dict:
+    """Model FLOP/s over the training steps, and MFU: that rate over this machine's measured matmul peak (per
+    process, times the processes) in the precision that ran."""
+    from lorafit.hardware import peak_matmul_flops
+
+    train_s = result.wall_s - result.eval_s
+    if train_s <= 0 or not result.flops:
+        return {"model_flops_per_s": None, "peak_flops_per_s": None, "mfu": None}
+    rate, peak = result.flops / train_s, peak_matmul_flops(accelerator.mixed_precision) * accelerator.num_processes
+    return {"model_flops_per_s": rate, "peak_flops_per_s": peak, "mfu": rate / peak}
+
+
 def _print_summary(s: dict) -> None:
     lines = [
         "",
         f"done: {s['steps']} steps in {s['train_wall_s']:.1f}s ({s['samples_per_s']:.1f} samples/s training, "
         f"{s['eval_wall_s']:.1f}s of it evaluating)",
+        f"  precision {s['precision']}" + (f", {s['model_flops_per_s'] / 1e9:.0f} model GFLOP/s = MFU {s['mfu']:.0%} of "
+                                           f"this machine's measured {s['precision']} matmul peak" if s["mfu"] else ""),
         f"  eval {s['primary_metric']}: {s['eval'].get(s['primary_metric'], float('nan')):.4f}   "
         + "  ".join(f"{k}={v:.4f}" for k, v in s["eval"].items() if k not in (s["primary_metric"], "n"))
         + f"  (n={s['eval'].get('n')})",

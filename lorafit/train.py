@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from lorafit import checkpoint, metrics
 from lorafit.errors import UserError
+from lorafit.flops import FlopCounter
 from lorafit.data import loader
 
 
@@ -39,6 +40,7 @@ class TrainResult:
     wall_s: float = 0.0
     eval_s: float = 0.0  # of wall_s; throughput figures leave it out
     skipped_steps: int = 0
+    flops: int = 0  # model FLOPs of this run's training steps, all processes (flops.py)
 
 
 def loss_sum(model, batch: dict, task: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,6 +146,7 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
             yield from (accelerator.skip_first_batches(batches, skip) if skip else batches)
             epoch, skip = epoch + 1, 0
 
+    counter = FlopCounter(accelerator.unwrap_model(model))
     stream, params = micro_batches(start * t.grad_accum), [p for p in model.parameters() if p.requires_grad]
     res, t0, window, tokens = TrainResult(steps=start), time.perf_counter(), [], torch.zeros((), dtype=torch.long)
     bar = tqdm(total=total, initial=start, desc="train", disable=not accelerator.is_local_main_process, dynamic_ncols=True)
@@ -159,6 +162,7 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
                 losses, _ = loss_sum(model, batch, task)
                 accelerator.backward(losses.sum() * nproc / n_global)
             step_loss += losses.sum().detach()
+            counter.attention(batch)
             res.samples += t.batch_size * nproc  # drop_last: every micro-batch is full
             # Non-pad tokens, as a tensor: no host sync per micro-batch. A packed batch has no padding at all.
             tokens += (batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()) * nproc
@@ -197,6 +201,8 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
     if not res.eval:  # resumed at the very end: evaluate what was loaded
         res.eval = evaluate(model, eval_loader, cfg, accelerator)
     res.wall_s, res.tokens = time.perf_counter() - t0, int(tokens)
+    counter.remove()
+    res.flops = int(accelerator.reduce(torch.tensor(counter.total, dtype=torch.float64, device=accelerator.device), "sum"))
     return res
 
 

@@ -42,9 +42,10 @@ def _write_keyword_csvs(root: Path) -> tuple[Path, Path]:
 _DATA_ROOT = Path(__file__).resolve().parent / ".data"
 _DATA_ROOT.mkdir(exist_ok=True)
 CLS_TRAIN, CLS_EVAL = _write_keyword_csvs(_DATA_ROOT)
-TINY_CLS = ["model=tiny-bert", "data=files", f"data.train_file={CLS_TRAIN}", f"data.eval_file={CLS_EVAL}", "data.max_length=64", "train.batch_size=8", "train.log_every=1",
+# Tiny runs check exactness (merges, resume, accumulation): fp32 on every CPU, whatever `auto` would pick here.
+TINY_CLS = ["model=tiny-bert", "train.mixed_precision=no", "data=files", f"data.train_file={CLS_TRAIN}", f"data.eval_file={CLS_EVAL}", "data.max_length=64", "train.batch_size=8", "train.log_every=1",
             "train.eval_every=0", "train.lr=5e-2"]
-TINY_LM = ["model=tiny-llama", "data=files", f"data.train_file={CLS_TRAIN}", f"data.eval_file={CLS_EVAL}", "data.max_length=64", "train.batch_size=4", "train.log_every=1",
+TINY_LM = ["model=tiny-llama", "train.mixed_precision=no", "data=files", f"data.train_file={CLS_TRAIN}", f"data.eval_file={CLS_EVAL}", "data.max_length=64", "train.batch_size=4", "train.log_every=1",
            "train.eval_every=0", "lora.target_modules=all-linear", "train.lr=3e-2", "train.eval_batch_size=16"]
 
 
@@ -75,6 +76,14 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subproce
 
 def metrics_lines(run_dir: Path) -> list[dict]:
     return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state():
+    """One process, many in-process runs: each may choose its own mixed precision (accelerate keeps a singleton)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
 
 
 @pytest.fixture
