@@ -98,7 +98,7 @@ if side == "lorafit":
         cfg = compose(config_name="config", overrides=extra)
     run(cfg, run_dir=sys.argv[5])
     summ = json.load(open(sys.argv[5] + "/summary.json"))
-    res = {"samples_per_s": summ["samples_per_s"], "tokens_per_s": summ["tokens_per_s"], "eval": summ["eval"]}
+    res = {k: summ[k] for k in ("samples_per_s", "tokens_per_s", "eval", "precision", "mfu")}
 else:
     res = __import__("peer").main(s, extra)
 import re  # VmHWM: this process's own peak (ru_maxrss would inherit the parent's across fork+exec)

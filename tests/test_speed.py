@@ -166,6 +166,16 @@ def test_throughput_benchmark_runs_in_tiny_mode(capsys):
     assert "samples/s" in out and "python -m lorafit --cfg job" in out
 
 
+def test_precision_benchmark_runs_both_precisions_in_tiny_mode():
+    sys.path.insert(0, str(REPO / "bench"))
+    import precision
+
+    rows = precision.main(["--tiny", "--jobs", "a"])
+    runs = rows[0]["runs"]
+    assert [x["precision"] for x in runs["fp32"] + runs["bf16"]] == ["fp32", "bf16"]
+    assert rows[0]["speedup"] > 0 and all(0 < x["mfu"] for x in runs["fp32"] + runs["bf16"])
+
+
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
 def test_fast_dropout_drops_p_and_stays_unbiased(p):
     from lorafit.dropout import fast_dropout
