@@ -45,6 +45,7 @@ def save(accelerator, run_dir: Path, step: int, keep: int) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()  # every process has written its RNG states into tmp before it is renamed
     crash_point("save", step)  # the state is on disk, but not yet marked complete nor renamed
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, "processes": accelerator.num_processes}))

@@ -16,8 +16,9 @@ COMMON = [*TINY_CLS, "train.max_steps=6", "lora.dropout=0.0", "model.dropout=0.0
           "train.lr=5e-3"]  # a realistic step (the tiny-model tests' 5e-2 amplifies summation-order noise to ~1e-6)
 
 
-def launch_two(*args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}  # the only form that gives real DDP on CPU
+def launch_two(*args, env: dict | None = None) -> subprocess.CompletedProcess:
+    # ACCELERATE_USE_CPU=1 with --multi_gpu is the only form that gives real DDP on CPU
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lorafit", *args]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
@@ -41,3 +42,22 @@ def test_ddp_two_processes_match_one_and_count_eval_rows_once(tmp_path):
     assert again.returncode != 0
     assert "lorafit: error: checkpoint" in again.stderr and "written by 1 processes and this run has 2" in again.stderr
     assert f'File "{REPO / "lorafit"}' not in again.stderr  # torchrun prints its own launcher trace; none is ours
+
+
+def test_ddp_checkpoints_hold_every_process_state_and_resume_bitwise_after_sigkill(tmp_path):
+    """Process 1 is made to write its checkpoint state late (tests/slow_rank): each checkpoint must still hold both
+    processes' RNG states. Then a 2-process run killed after step 5 resumes to the uninterrupted adapter, bitwise."""
+    args = [*COMMON, "train.batch_size=4", "train.save_every=2", "train.keep_checkpoints=5", "lora.dropout=0.1"]
+    slow = {"LORAFIT_TEST_SLOW_RANK": "1", "PYTHONPATH": str(REPO / "tests" / "slow_rank")}
+    full = launch_two(*args, f"hydra.run.dir={tmp_path / 'full'}", env=slow)
+    assert full.returncode == 0, full.stderr[-3000:]
+    for step in (2, 4, 6):
+        ckpt = tmp_path / "full" / "checkpoints" / f"step_{step}"
+        assert sorted(p.name for p in ckpt.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    crashed = launch_two(*args, f"hydra.run.dir={tmp_path / 'crash'}", env={"LORAFIT_FAULT": "step:5"})
+    assert crashed.returncode != 0 and not (tmp_path / "crash" / "adapter").exists()
+    resumed = launch_two(*args, "train.resume=auto", f"hydra.run.dir={tmp_path / 'crash'}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "at step 4/6" in resumed.stdout
+    a, b = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("full", "crash"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
