@@ -14,6 +14,8 @@ import time
 
 import torch
 
+from lorafit.errors import UserError
+
 PROBE_SHAPE = (2048, 384, 1536)  # (m, k, n): a MiniLM-sized activation times an FFN weight
 
 
@@ -28,6 +30,9 @@ def native_bf16() -> bool:
 
 def resolve_precision(requested: str) -> str:
     """accelerate's mixed_precision for train.mixed_precision: `auto` is bf16 where it is native, else no (fp32)."""
+    if requested == "fp16" and not torch.cuda.is_available():  # accelerate would silently run fp32
+        raise UserError("train.mixed_precision=fp16 needs a GPU (accelerate has no fp16 autocast on CPU); "
+                        "use bf16, auto or no")
     if requested != "auto":
         return requested
     return "bf16" if native_bf16() else "no"

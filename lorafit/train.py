@@ -39,7 +39,8 @@ class TrainResult:
     tokens: int = 0
     wall_s: float = 0.0
     eval_s: float = 0.0  # of wall_s; throughput figures leave it out
-    skipped_steps: int = 0
+    skipped_steps: int = 0  # non-finite steps skipped by train.on_nonfinite=skip
+    overflow_steps: int = 0  # fp16: steps whose update the GradScaler skipped (routine while it finds its scale)
     flops: int = 0  # model FLOPs of this run's training steps, all processes (flops.py)
 
 
@@ -167,7 +168,8 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
             # Non-pad tokens, as a tensor: no host sync per micro-batch. A packed batch has no padding at all.
             tokens += (batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()) * nproc
         grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
-        if not (torch.isfinite(step_loss) and torch.isfinite(grad_norm)):  # one host sync per step: cheap insurance
+        finite = bool(torch.isfinite(step_loss) and torch.isfinite(grad_norm))  # one host sync per step
+        if not finite and accelerator.scaler is None:  # fp16's GradScaler handles its own overflows (below)
             if t.on_nonfinite == "stop":
                 raise UserError(f"non-finite loss or gradient at step {step} (loss={step_loss.item()}, grad norm="
                                 f"{float(grad_norm)}); lower train.lr, or set train.on_nonfinite=skip. "
@@ -175,8 +177,11 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
             res.skipped_steps += 1
             optimizer.zero_grad(set_to_none=True)
             continue
-        optimizer.step()
-        scheduler.step()
+        optimizer.step()  # with fp16's GradScaler: an overflow skips the update and lowers the loss scale
+        if accelerator.optimizer_step_was_skipped:
+            res.overflow_steps += 1
+        else:
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         window.append(accelerator.reduce(step_loss, "sum") / n_global)
         bar.update(1)

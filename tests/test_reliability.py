@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLS_EVAL, CLS_TRAIN, TINY_CLS, metrics_lines, run_cli
+from conftest import CLS_EVAL, CLS_TRAIN, TINY_CLS, metrics_lines, run_cli, run_inprocess
 from safetensors.torch import load_file
 
 RESUMABLE = [*TINY_CLS, "train.max_steps=10", "train.save_every=2", "train.keep_checkpoints=3", "lora.dropout=0.1",
@@ -166,3 +166,39 @@ def test_no_secret_reaches_the_run_dir(tmp_path):
     for f in tmp_path.rglob("*"):
         if f.is_file():
             assert fake.encode() not in f.read_bytes(), f
+
+
+def test_fp16_overflow_steps_are_skipped_the_gradscaler_way(tmp_path, monkeypatch):
+    """fp16's GradScaler starts too high and overflows at first: routine, not an error. accelerate makes no scaler
+    on CPU, so the run gets a CPU GradScaler, and the first 3 backward passes an inf gradient, as an fp16 overflow
+    gives. The scaler must skip those updates and lower its scale; training goes on and learns."""
+    from accelerate import Accelerator
+
+    from lorafit import adapters
+    from lorafit import run as run_module
+
+    scalers, attach = [], adapters.attach_lora
+
+    def accelerator_with_scaler(cfg, run_dir):
+        scalers.append(torch.amp.GradScaler("cpu", init_scale=2.0**16))
+        acc = Accelerator(mixed_precision="no", project_dir=str(run_dir))
+        acc.scaler = scalers[0]
+        return acc
+
+    def attach_overflowing(model, cfg):
+        model, calls = attach(model, cfg), []
+        first = next(p for p in model.parameters() if p.requires_grad)
+        first.register_hook(lambda g: (calls.append(1), g * float("inf") if len(calls) <= 3 else g)[1])
+        return model
+
+    monkeypatch.setattr(run_module, "_accelerator", accelerator_with_scaler)
+    monkeypatch.setattr(adapters, "attach_lora", attach_overflowing)
+    _, summary = run_inprocess(tmp_path, *TINY_CLS, "train.max_steps=30", "hooks=[]")  # on_nonfinite=stop
+    assert summary["steps"] == 30 and summary["skipped_steps"] == 0 and summary["overflow_steps"] == 3
+    assert scalers[0].get_scale() == 2.0**16 * 0.5**3  # halved once per overflow (growth needs 2000 clean steps)
+    assert summary["eval"]["accuracy"] > 0.5  # 3 classes: it learned after the overflow steps
+
+
+def test_fp16_on_cpu_is_refused_in_one_line(tmp_path):
+    out = _cli_inprocess([*TINY_CLS, "train.mixed_precision=fp16", f"hydra.run.dir={tmp_path}"])
+    assert out["code"] == 2 and "train.mixed_precision=fp16 needs a GPU" in out["stderr"]
