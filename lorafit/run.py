@@ -12,6 +12,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from lorafit.config import validate
+from lorafit.errors import UserError
 
 log = logging.getLogger("lorafit")
 
@@ -62,8 +63,14 @@ def _accelerator(cfg, run_dir: Path):
 
     backend = None if cfg.logging.backend == "none" else cfg.logging.backend
     # auto: bf16 autocast where the GPU or CPU computes bf16 natively (AVX512-BF16, AMX), fp32 elsewhere
-    return Accelerator(mixed_precision=resolve_precision(cfg.train.mixed_precision), log_with=backend,
-                       project_dir=str(run_dir))
+    accelerator = Accelerator(mixed_precision=resolve_precision(cfg.train.mixed_precision), log_with=backend,
+                              project_dir=str(run_dir))
+    for engine in ("FSDP", "DEEPSPEED"):  # accelerate 1.15 falls back silently, e.g. to DDP on CPU processes
+        if os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() in ("1", "true") and accelerator.distributed_type != engine:
+            raise UserError(f"the accelerate config asks for {engine}, but accelerate set up "
+                            f"{accelerator.distributed_type.value} (it runs {engine} on GPUs only); on CPU processes "
+                            "use conf/accelerate/cpu_ddp.yaml")
+    return accelerator
 
 
 def _quiet_libraries() -> None:

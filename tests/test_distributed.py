@@ -61,3 +61,17 @@ def test_ddp_checkpoints_hold_every_process_state_and_resume_bitwise_after_sigki
     assert "resumed from" in resumed.stdout and "at step 4/6" in resumed.stdout
     a, b = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("full", "crash"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_fsdp_config_on_cpu_processes_is_refused_not_run_as_ddp(tmp_path):
+    """accelerate 1.15 sets up FSDP only on GPU-type devices: with ACCELERATE_USE_CPU=1 an FSDP config silently
+    becomes plain DDP (MULTI_CPU). lorafit says so instead of training something else than asked."""
+    config = tmp_path / "cpu_fsdp.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nnum_machines: 1\n"
+                      "num_processes: 2\nmixed_precision: 'no'\nuse_cpu: true\nfsdp_config:\n  fsdp_version: 2\n")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "lorafit",
+                          *COMMON, "train.batch_size=4", f"hydra.run.dir={tmp_path / 'run'}"],
+                         cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode != 0 and not (tmp_path / "run" / "adapter").exists()
+    assert "lorafit: error: the accelerate config asks for FSDP, but accelerate set up MULTI_CPU" in out.stderr
