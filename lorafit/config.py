@@ -57,7 +57,8 @@ class DataConfig:
     source: DataSource = DataSource.bbc_news
     task: Optional[str] = None  # GLUE task name with source=glue (mnli, sst2, ...)
     train_file: Optional[str] = None  # csv / jsonl / parquet for source=files|sft
-    eval_file: Optional[str] = None
+    eval_file: Optional[str] = None  # None: hold out data.eval_fraction of train_file (stratified by label)
+    eval_fraction: float = 0.1
     text_columns: List[str] = field(default_factory=lambda: ["text"])  # one column, or two for sentence pairs
     label_column: str = "label"
     max_length: int = 128
@@ -221,11 +222,14 @@ def validate(cfg) -> None:
         for key in ("train_file", "eval_file"):
             path = getattr(d, key)
             if path is None:
-                errors.append(f"data.{key} is required with data.source={d.source}")
+                if key == "train_file":
+                    errors.append(f"data.train_file is required with data.source={d.source}")
             elif not Path(path).is_file():
                 errors.append(f"data.{key}={path!r}: file not found")
             elif Path(path).suffix.lower() not in (".csv", ".json", ".jsonl", ".parquet"):
                 errors.append(f"data.{key}={path!r}: unsupported extension (use .csv, .jsonl, .json or .parquet)")
+    if not 0 < d.eval_fraction < 1:
+        errors.append(f"data.eval_fraction={d.eval_fraction} must be in (0, 1)")
     if d.source == "files" and not 1 <= len(d.text_columns) <= 2:
         errors.append(f"data.text_columns={list(d.text_columns)} must name one column, or two for sentence pairs")
     if d.source == "sft" and m.task != "causal_lm":

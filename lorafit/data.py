@@ -37,7 +37,7 @@ FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "
 @dataclass
 class Splits:
     train: object  # datasets.Dataset
-    eval: object
+    eval: object  # None until a split is held out of train
     text_columns: tuple[str, ...]
     labels: list[str] | None  # class names; ["score"] for regression; None for causal LM
 
@@ -51,7 +51,10 @@ def load_splits(cfg) -> Splits:
     elif d.source == "files":
         splits = _files(d, task)
     else:
-        splits = Splits(_read_file(d.train_file, "data.train_file"), _read_file(d.eval_file, "data.eval_file"), (), None)
+        train = _read_file(d.train_file, "data.train_file")
+        splits = Splits(train, _read_file(d.eval_file, "data.eval_file") if d.eval_file else None, (), None)
+    if splits.eval is None:
+        splits = _hold_out(splits, d, "label" if task == "seq_cls" else None)
     if task == "causal_lm":
         splits.labels = None
     for name, cap in (("train", d.max_train_samples), ("eval", d.max_eval_samples)):
@@ -61,6 +64,26 @@ def load_splits(cfg) -> Splits:
         if len(getattr(splits, name)) == 0:
             raise UserError(f"the {name} split is empty (data.source={d.source}); check the file or data.max_{name}_samples")
     return splits
+
+
+SPLIT_SEED = 0  # the held-out split is the same whatever train.seed is, so runs over seeds compare on one eval set
+
+
+def _hold_out(splits: Splits, d, stratify: str | None) -> Splits:
+    """No data.eval_file: hold out data.eval_fraction of the training rows, stratified by label for classification."""
+    from datasets import ClassLabel
+
+    train = splits.train
+    if stratify is not None:
+        train = train.cast_column(stratify, ClassLabel(names=splits.labels))
+    try:
+        parts = train.train_test_split(test_size=d.eval_fraction, seed=SPLIT_SEED, stratify_by_column=stratify)
+    except ValueError as e:  # too few rows, or a class too small to appear on both sides
+        raise UserError(f"data.train_file={d.train_file!r}: can't hold out data.eval_fraction={d.eval_fraction} of "
+                        f"{len(train)} rows ({str(e).splitlines()[0][:160]}); pass data.eval_file") from None
+    log.info("no data.eval_file: held out %d of %d rows of %s as the eval split (data.eval_fraction=%g%s)",
+             len(parts["test"]), len(train), d.train_file, d.eval_fraction, ", stratified by label" if stratify else "")
+    return Splits(parts["train"], parts["test"], splits.text_columns, splits.labels)
 
 
 def _bbc_news(eval_size: int) -> Splits:
@@ -117,9 +140,10 @@ def _read_file(path: str, key: str):
 
 
 def _files(d, task: str) -> Splits:
-    train, ev = _read_file(d.train_file, "data.train_file"), _read_file(d.eval_file, "data.eval_file")
+    train = _read_file(d.train_file, "data.train_file")
+    ev = _read_file(d.eval_file, "data.eval_file") if d.eval_file else None
     needed = list(d.text_columns) + ([d.label_column] if task == "seq_cls" else [])
-    for ds, key in ((train, "data.train_file"), (ev, "data.eval_file")):
+    for ds, key in ((train, "data.train_file"), (ev, "data.eval_file")) if ev is not None else ((train, "data.train_file"),):
         missing = [c for c in needed if c not in ds.column_names]
         if missing:
             which = "data.label_column" if missing == [d.label_column] else "data.text_columns"
@@ -135,14 +159,14 @@ def _files(d, task: str) -> Splits:
         raise UserError(f"data.train_file={d.train_file!r}: column {d.label_column!r} holds one label ({values[0]!r}); "
                         "classification needs at least two (is data.label_column the right column?)")
     index = {v: i for i, v in enumerate(values)}
-    unknown = sorted({str(v) for v in ev[d.label_column]} - {str(v) for v in values})
+    unknown = sorted({str(v) for v in ev[d.label_column]} - {str(v) for v in values}) if ev is not None else []
     if unknown:
         raise UserError(f"data.eval_file={d.eval_file!r}: labels {unknown[:5]} are not in the training label set "
                         f"{[str(v) for v in values][:20]}")
     # Into a fresh column: mapping onto an existing string `label` column would keep its string dtype.
     relabel = lambda ds: ds.map(lambda r: {"_label_id": index[r[d.label_column]]},
                                 remove_columns=[d.label_column]).rename_column("_label_id", "label")
-    return Splits(relabel(train), relabel(ev), tuple(d.text_columns), [str(v) for v in values])
+    return Splits(relabel(train), relabel(ev) if ev is not None else None, tuple(d.text_columns), [str(v) for v in values])
 
 
 def tokenize(splits: Splits, tokenizer, cfg) -> tuple:

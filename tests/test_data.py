@@ -83,3 +83,35 @@ def test_a_files_dataset_with_a_single_label_is_refused(tmp_path):
     cfg = compose("model=tiny-bert", "data=files", f"data.train_file={tmp_path / 't.csv'}", f"data.eval_file={tmp_path / 'e.csv'}")
     with pytest.raises(UserError, match="one label .'spam'.*at least two"):
         load_splits(cfg)
+
+
+def test_without_an_eval_file_a_stratified_seeded_split_is_held_out(caplog):
+    import logging
+    from collections import Counter
+
+    from conftest import CLS_TRAIN
+
+    caplog.set_level(logging.INFO, logger="lorafit.data")
+    cfg = compose("model=tiny-bert", "data=files", f"data.train_file={CLS_TRAIN}", "data.eval_fraction=0.2")
+    splits = load_splits(cfg)
+    assert (len(splits.train), len(splits.eval)) == (192, 48)  # of 240 rows, 80 per class
+    assert Counter(splits.eval["label"]) == {0: 16, 1: 16, 2: 16}  # stratified: each class 20% held out
+    assert not set(splits.eval["text"]) & set(splits.train["text"])
+    again = load_splits(compose("model=tiny-bert", "data=files", f"data.train_file={CLS_TRAIN}", "data.eval_fraction=0.2",
+                                "train.seed=7"))
+    assert again.eval["text"] == splits.eval["text"]  # the same held-out rows whatever train.seed is
+    assert "held out 48 of 240 rows" in caplog.text and "stratified by label" in caplog.text
+
+
+def test_sft_without_an_eval_file_holds_out_rows(write_jsonl):
+    import pytest
+
+    from lorafit.errors import UserError
+
+    rows = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(50)]
+    splits = load_splits(compose("model=tiny-llama", "data=sft", f"data.train_file={write_jsonl('t.jsonl', rows)}"))
+    assert (len(splits.train), len(splits.eval)) == (45, 5)
+    tiny = compose("model=tiny-llama", "data=sft", f"data.train_file={write_jsonl('s.jsonl', rows[:1])}",
+                   "data.eval_fraction=0.1")
+    with pytest.raises(UserError, match="can't hold out data.eval_fraction=0.1 of 1 rows.*pass data.eval_file"):
+        load_splits(tiny)
