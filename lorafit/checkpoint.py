@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorafit.errors import UserError
@@ -38,7 +39,61 @@ def keep_only_trainable(accelerator, model) -> None:
     accelerator.register_save_state_pre_hook(drop_frozen)
 
 
-def save(accelerator, run_dir: Path, step: int, keep: int) -> Path:
+@dataclass
+class Best:
+    """The best evaluation so far (train.save_best, train.early_stopping_patience); kept in every checkpoint's
+    trainer_state.json, so a resumed run goes on comparing against what the crashed run had seen."""
+
+    metric: str
+    higher_is_better: bool
+    value: float | None = None
+    step: int | None = None
+    eval: dict = field(default_factory=dict)
+    evals_since: int = 0  # evaluations without improvement since the best
+
+    def update(self, step: int, evaluation: dict) -> bool:
+        """Record `evaluation` at `step`; True when it is a new best (strictly better)."""
+        value = evaluation[self.metric]
+        if self.value is not None and not (value > self.value if self.higher_is_better else value < self.value):
+            self.evals_since += 1
+            return False
+        self.value, self.step, self.eval, self.evals_since = value, step, dict(evaluation), 0
+        return True
+
+
+BEST_WEIGHTS = "best.safetensors"  # checkpoints/best.safetensors: the trainable weights at Best.step
+
+
+def save_best(accelerator, model, run_dir: Path, step: int) -> None:
+    """The trainable weights of `model` now, written atomically with their step (main process)."""
+    from safetensors.torch import save_file
+
+    state = {n: p.detach().cpu().contiguous() for n, p in accelerator.unwrap_model(model).named_parameters()
+             if p.requires_grad}
+    if accelerator.is_main_process:
+        path = Path(run_dir) / "checkpoints" / BEST_WEIGHTS
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(state, path.with_name(".tmp_" + BEST_WEIGHTS), metadata={"step": str(step)})
+        os.replace(path.with_name(".tmp_" + BEST_WEIGHTS), path)
+    accelerator.wait_for_everyone()
+
+
+def load_best(accelerator, model, run_dir: Path, step: int) -> None:
+    """Put the weights of the best evaluation (step `step`) back into `model`."""
+    from safetensors import safe_open
+
+    path = Path(run_dir) / "checkpoints" / BEST_WEIGHTS
+    with safe_open(path, "pt") as f:
+        if f.metadata().get("step") != str(step):
+            raise UserError(f"{path} holds step {f.metadata().get('step')}, not the best step {step}: it was "
+                            "overwritten by another run in this dir; start over without train.resume")
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    params = dict(accelerator.unwrap_model(model).named_parameters())
+    for name, tensor in state.items():
+        params[name].data.copy_(tensor)
+
+
+def save(accelerator, run_dir: Path, step: int, keep: int, extra: dict | None = None) -> Path:
     root = Path(run_dir) / "checkpoints"
     final, tmp = root / f"step_{step}", root / f".tmp_step_{step}"
     if accelerator.is_main_process:
@@ -48,7 +103,7 @@ def save(accelerator, run_dir: Path, step: int, keep: int) -> Path:
     accelerator.wait_for_everyone()  # every process has written its RNG states into tmp before it is renamed
     crash_point("save", step)  # the state is on disk, but not yet marked complete nor renamed
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "processes": accelerator.num_processes}))
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "processes": accelerator.num_processes, **(extra or {})}))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)  # atomic on one filesystem: the checkpoint appears whole or not at all
         for old in complete_checkpoints(root)[:-keep]:
@@ -79,8 +134,9 @@ def find(resume: str | None, run_dir: Path) -> Path | None:
     return path
 
 
-def load(accelerator, path: Path) -> int:
-    """Restore weights, optimizer, scheduler and RNG states; return the step to continue from."""
+def load(accelerator, path: Path) -> dict:
+    """Restore weights, optimizer, scheduler and RNG states; return the trainer state (the step to continue from,
+    and what save's `extra` held)."""
     state = json.loads((path / STATE_FILE).read_text())
     if state.get("processes", 1) != accelerator.num_processes:  # per-process RNG files and data shards differ
         raise UserError(f"checkpoint {path} was written by {state['processes']} processes and this run has "
@@ -91,4 +147,4 @@ def load(accelerator, path: Path) -> int:
     except (RuntimeError, ValueError, KeyError) as e:
         raise UserError(f"checkpoint {path} does not fit this run ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                         "was it written with another model, lora config or process count?") from None
-    return state["step"]
+    return state

@@ -108,6 +108,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     mixed_precision: Precision = Precision.auto  # auto = bf16 on a GPU that supports it, else fp32
     eval_every: int = 0  # 0 = only at the end
+    save_best: bool = False  # the final adapter is the best evaluation's (primary metric), not the last step's
+    early_stopping_patience: int = 0  # stop after this many evaluations without improvement; 0 = never
     save_every: int = 0  # 0 = no intermediate checkpoints
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -205,6 +207,10 @@ def validate(cfg) -> None:
         errors.append(f"train.warmup_ratio={t.warmup_ratio} must be in [0, 1)")
     if t.max_grad_norm < 0:
         errors.append(f"train.max_grad_norm={t.max_grad_norm} must be >= 0 (0 turns clipping off)")
+    if t.early_stopping_patience < 0:
+        errors.append(f"train.early_stopping_patience={t.early_stopping_patience} must be >= 0 (0 turns it off)")
+    if (t.early_stopping_patience or t.save_best) and t.eval_every == 0:
+        errors.append("train.save_best / train.early_stopping_patience compare evaluations: set train.eval_every=N")
     for key in ("eval_every", "save_every"):
         if getattr(t, key) < 0:
             errors.append(f"train.{key}={getattr(t, key)} must be >= 0 (0 turns it off)")

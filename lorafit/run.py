@@ -139,6 +139,8 @@ def run(cfg, run_dir: Path | None = None) -> float:
         "eval_wall_s": result.eval_s,  # throughput below is over training steps only, evaluation left out
         "samples_per_s": result.samples / (result.wall_s - result.eval_s) if result.wall_s > result.eval_s else None,
         "tokens_per_s": result.tokens / (result.wall_s - result.eval_s) if result.wall_s > result.eval_s else None,
+        "best_step": result.best_step, "adapter_step": result.best_step if cfg.train.save_best else result.steps,
+        "stopped_early": result.stopped_early,
         "skipped_steps": result.skipped_steps, "overflow_steps": result.overflow_steps,
         "processes": accelerator.num_processes,
         "precision": PRECISION_NAMES[accelerator.mixed_precision], **_utilization(result, accelerator),

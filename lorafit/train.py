@@ -41,6 +41,8 @@ class TrainResult:
     eval_s: float = 0.0  # of wall_s; throughput figures leave it out
     skipped_steps: int = 0  # non-finite steps skipped by train.on_nonfinite=skip
     overflow_steps: int = 0  # fp16: steps whose update the GradScaler skipped (routine while it finds its scale)
+    best_step: int | None = None  # the step of the best evaluation by the primary metric
+    stopped_early: bool = False
     flops: int = 0  # model FLOPs of this run's training steps, all processes (flops.py)
 
 
@@ -130,9 +132,11 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
     lengths = np.array([len(ids) for ids in eval_ds["input_ids"]])  # eval sorted by length: little padding
     eval_loader = loader(eval_ds, t.eval_batch_size, np.argsort(lengths, kind="stable").tolist(), pad_id, accelerator, False)
 
-    start = 0
+    start, metric = 0, metrics.primary_metric(cfg)
+    best = checkpoint.Best(metric, metrics.higher_is_better(metric))
     if (ckpt := checkpoint.find(t.resume, run_dir)) is not None:
-        start = checkpoint.load(accelerator, ckpt)
+        state = checkpoint.load(accelerator, ckpt)
+        start, best = state["step"], checkpoint.Best(**state.get("best", best.__dict__))
         accelerator.print(f"resumed from {ckpt} at step {start}/{total}")
     log.truncate_after(start)  # a run that died before its first checkpoint starts over from step 0 too
 
@@ -198,11 +202,22 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
             log.write(step, {f"eval/{k}": v for k, v in res.eval.items()})
             bar.write(f"step {step}: " + "  ".join(f"eval/{k}={v:.4f}" if isinstance(v, float) else f"eval/{k}={v}"
                                                    for k, v in res.eval.items()))
+            if best.update(step, res.eval) and t.save_best:
+                checkpoint.save_best(accelerator, model, run_dir, step)
         if t.save_every and step % t.save_every == 0:
-            checkpoint.save(accelerator, run_dir, step, t.keep_checkpoints)
+            checkpoint.save(accelerator, run_dir, step, t.keep_checkpoints, extra={"best": best.__dict__})
         checkpoint.crash_point("step", step)
         res.steps = step
+        if t.early_stopping_patience and best.evals_since >= t.early_stopping_patience:
+            bar.write(f"early stop at step {step}: {metric} has not improved on step {best.step}'s "
+                      f"{best.value:.4f} for {best.evals_since} evaluations")
+            res.stopped_early = True
+            break
     bar.close()
+    if t.save_best and best.step is not None and best.step != res.steps:
+        checkpoint.load_best(accelerator, model, run_dir, best.step)  # the hooks see (and save) the best model
+        res.eval = best.eval
+    res.best_step = best.step
     if not res.eval:  # resumed at the very end: evaluate what was loaded
         res.eval = evaluate(model, eval_loader, cfg, accelerator)
     res.wall_s, res.tokens = time.perf_counter() - t0, int(tokens)

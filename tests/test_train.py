@@ -240,3 +240,46 @@ def test_pissa_and_olora_adapters_are_saved_as_plain_lora_on_the_original_base(t
     want = torch.linalg.svdvals(delta.double())[: len(entry["singular_values"])]
     got = torch.tensor(entry["singular_values"], dtype=torch.float64)
     assert torch.allclose(got, want, atol=1e-5 * float(want[0])), (got, want)
+
+
+BEST = [*TINY_CLS, "train.max_steps=30", "train.eval_every=3", "train.save_every=3", "train.keep_checkpoints=20",
+        "train.save_best=true", "hooks=[save_adapter]"]
+
+
+def _evals(run_dir: Path) -> list[tuple[int, float]]:
+    return [(m["step"], m["eval/accuracy"]) for m in metrics_lines(run_dir) if "eval/accuracy" in m]
+
+
+def test_save_best_keeps_the_best_evaluation_and_resumes_exactly(tmp_path):
+    from conftest import run_cli
+
+    full = tmp_path / "full"
+    assert run_cli(*BEST, f"hydra.run.dir={full}").returncode == 0
+    evals, summary = _evals(full), json.loads((full / "summary.json").read_text())
+    best_step, best_acc = max(evals, key=lambda e: (e[1], -e[0]))  # the first step with the highest accuracy
+    assert summary["best_step"] == summary["adapter_step"] == best_step < 30  # this run's last step is not its best
+    assert summary["eval"]["accuracy"] == best_acc
+    adapter = load_file(full / "adapter" / "adapter_model.safetensors")
+    at_best = load_file(full / "checkpoints" / f"step_{best_step}" / "model.safetensors")
+    assert adapter and all(torch.equal(v, at_best[k.replace(".weight", ".default.weight")]) for k, v in adapter.items()
+                           if ".lora_" in k)
+    # Killed after the best step's checkpoint, then resumed: the same best, the same adapter.
+    crashed = tmp_path / "crash"
+    assert run_cli(*BEST, f"hydra.run.dir={crashed}", env={"LORAFIT_FAULT": f"step:{best_step + 2}"}).returncode != 0
+    assert run_cli(*BEST, "train.resume=auto", f"hydra.run.dir={crashed}").returncode == 0
+    assert json.loads((crashed / "summary.json").read_text())["best_step"] == best_step
+    again = load_file(crashed / "adapter" / "adapter_model.safetensors")
+    assert adapter.keys() == again.keys() and all(torch.equal(adapter[k], again[k]) for k in adapter)
+
+
+def test_early_stopping_stops_after_patience_evaluations_without_improvement(tmp_path):
+    full, _ = run_inprocess(tmp_path / "full", *BEST)
+    best, since, expected = -1.0, 0, None
+    for step, acc in _evals(full):  # the stop the rule implies, read off the full run's evaluations
+        best, since = (acc, 0) if acc > best else (best, since + 1)
+        if since == 2 and expected is None:
+            expected = step
+    assert expected is not None and expected < 30
+    run_dir, summary = run_inprocess(tmp_path / "stop", *BEST, "train.early_stopping_patience=2")
+    assert summary["stopped_early"] and summary["steps"] == expected
+    assert max(m["step"] for m in metrics_lines(run_dir)) == expected
