@@ -62,7 +62,7 @@ BAD = [
     (["data=files"], "data.train_file is required"),
     (["train.lr=0"], "train.lr=0"),
     (["quant=nf4", "lora.init=pissa"], "needs a float base"),
-    (["train.early_stopping_patience=2"], "set train.eval_every=N"),
+    (["train.early_stopping_patience=2", "train.eval_every=0"], "set train.eval_every=N"),
     (["data.eval_fraction=1.5"], "data.eval_fraction=1.5 must be in (0, 1)"),
 ]
 
