@@ -99,6 +99,7 @@ def save(model, cfg, run_dir, out, labels: list[str] | None) -> None:
     lorafit.json beside it: the labels, and the model and quant config in full, so `lorafit.merge` rebuilds the
     very base it trained on (double quant, storage, compute dtype, revision)."""
     import json
+    import warnings
 
     (out / RUN_INFO).write_text(json.dumps({"task": cfg.model.task, "labels": labels, "model": OmegaConf.to_container(cfg.model),
                                             "quant": OmegaConf.to_container(cfg.quant)}, indent=1))
@@ -107,8 +108,6 @@ def save(model, cfg, run_dir, out, labels: list[str] | None) -> None:
         return
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import load_file, save_file
-
-    import warnings
 
     # To convert, peft loads the initial adapter beside the trained one, and then warns that a PiSSA/OLoRA adapter
     # should be converted: the very conversion it is doing.

@@ -22,9 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorafit.errors import atomic_dir
 from lorafit.cli import user_errors_as_one_line
-from lorafit.errors import UserError
+from lorafit.errors import UserError, atomic_dir
 
 PLAN_FILE = "lowrank.json"
 SKIP = re.compile(r"(^|\.)(classifier|score|lm_head|out_proj)(\.|$)")  # task heads stay dense
@@ -88,8 +87,8 @@ def compress_model(model, energy: float | None, rank: int | None, method: str = 
                 low.down.weight.copy_(down)
                 if lin.bias is not None:
                     low.up.bias.copy_(lin.bias)
-            measured = float((low.up.weight.detach().double() @ low.down.weight.detach().double() - lin.weight.detach().double()).norm()
-                             / lin.weight.detach().double().norm().clamp_min(1e-30))
+            W, up, down = (t.detach().double() for t in (lin.weight, low.up.weight, low.down.weight))
+            measured = float((up @ down - W).norm() / W.norm().clamp_min(1e-30))
             model.set_submodule(name, low)
             entry.update(factored=True, params_after=thin, flops_per_token_after=2 * thin, measured_rel_error=measured)
         else:

@@ -26,9 +26,8 @@ from pathlib import Path
 import torch
 
 from lorafit.cli import user_errors_as_one_line
-from lorafit.errors import atomic_dir
 from lorafit.config import MERGE_DTYPES
-from lorafit.errors import UserError
+from lorafit.errors import UserError, atomic_dir
 
 # Max abs logit diff, relative to the logits' scale. A wrong merge (scaling, transposition, a missed module) is off
 # by O(1); fp32 rounding alone reached 1.6e-4 on a tiny model trained at a high lr (float64: exact), hence 1e-3.
@@ -292,29 +291,32 @@ def _write_streaming(path: Path, src_header: dict, tensors, out_dtype) -> None:
                 f.write(t.contiguous().view(-1).view(torch.uint8).numpy())
 
 
-def _probe_module(W0, merged, f, lora_config, fan_in_fan_out: bool, g, n: int) -> float:
-    """Relative |merged·x − y| on random x, where y is what the adapter model computes for this module: for a
-    Linear, peft's own LoRA layer around W0, with peft's rank and alpha patterns, scaling and order of operations
-    (not the scale the merge took from lora_factors); for Conv1D and embedding LoRA, W0·x + s·B·(A·x)."""
-    x = torch.randn(n, merged.shape[0] if fan_in_fan_out or f.kind == "embedding" else merged.shape[1], generator=g)
+def _probe_module(W0, merged, f, lora_config, fan_in_fan_out: bool, g, n: int, rows: int = 1024) -> float:
+    """Relative |merged·x − y| on random x, where y = W0·x + the adapter's own output for this module: for a
+    Linear, peft's LoRA layer with peft's rank and alpha patterns and scaling (not the scale the merge took from
+    lora_factors); for Conv1D and embedding LoRA, s·B·(A·x). Row blocks keep the float copies small."""
+    if fan_in_fan_out or f.kind == "embedding":
+        W0, merged = W0.T, merged.T  # as d_out × d_in (views)
+    x = torch.randn(n, merged.shape[1], generator=g)
     if f.kind == "linear" and not fan_in_fan_out:
         from peft.tuners.lora.layer import Linear as LoraLinear
         from peft.utils.other import get_pattern_key
 
         r = lora_config.rank_pattern.get(get_pattern_key(lora_config.rank_pattern.keys(), f.name), lora_config.r)
         alpha = lora_config.alpha_pattern.get(get_pattern_key(lora_config.alpha_pattern.keys(), f.name), lora_config.lora_alpha)
-        base = torch.nn.Linear(W0.shape[1], W0.shape[0], bias=False, device="meta")
-        base.weight = torch.nn.Parameter(W0.float(), requires_grad=False)
-        layer = LoraLinear(base, "default", config=lora_config, r=r, lora_alpha=alpha, init_lora_weights=False).eval()
-        layer.load_state_dict({"lora_A.default.weight": f.A, "lora_B.default.weight": f.B}, strict=False)
+        base = torch.nn.Linear(merged.shape[1], merged.shape[0], bias=False, device="meta")  # W0 is added below
+        layer = LoraLinear(base, "default", config=lora_config, r=r, lora_alpha=alpha, init_lora_weights=False)
+        layer.load_state_dict({"lora_A.default.weight": f.A, "lora_B.default.weight": f.B}, strict=False, assign=True)
         with torch.no_grad():
-            want = layer(x)
-        got = x @ merged.float().T
+            low = layer.lora_B["default"](layer.lora_A["default"](x)) * layer.scaling["default"]
     else:
-        W0, merged = (W0, merged) if fan_in_fan_out or f.kind == "embedding" else (W0.T, merged.T)  # as d_in × d_out
-        want = x @ W0.float() + (x @ f.A.T) @ f.B.T * f.scale
-        got = x @ merged.float()
-    return float((got - want).abs().max()) / max(float(want.abs().max()), 1e-12)
+        low = (x @ f.A.T) @ f.B.T * f.scale
+    err = top = 0.0
+    for i in range(0, merged.shape[0], rows):
+        want = x @ W0[i : i + rows].float().T + low[:, i : i + rows]
+        err = max(err, float((x @ merged[i : i + rows].float().T - want).abs().max()))
+        top = max(top, float(want.abs().max()))
+    return err / max(top, 1e-12)
 
 
 # --- CLI -----------------------------------------------------------------------------------------------------------
