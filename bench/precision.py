@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import REPO, job_settings, lorafit_overrides, run_side  # noqa: E402
+from throughput import job_settings, lorafit_overrides, run_side  # noqa: E402
 
 PRECISIONS = {"fp32": "no", "bf16": "bf16"}
 
