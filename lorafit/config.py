@@ -22,12 +22,14 @@ from lorafit.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
+MERGE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --dtype / hooks.merge.dtype
+
 # The closed choices, as enums: OmegaConf rejects any other value at compose time, naming the key and the allowed
 # values. Members are str (StrEnum), so `cfg.model.task == "seq_cls"` and dict lookups work as with plain strings.
 Task = StrEnum("Task", ["seq_cls", "causal_lm"])
 DataSource = StrEnum("DataSource", ["bbc_news", "glue", "files", "sft"])
 QuantMode = StrEnum("QuantMode", ["none", "int8", "nf4"])
-FloatDtype = StrEnum("FloatDtype", ["float32", "bfloat16", "float16"])
+FloatDtype = StrEnum("FloatDtype", list(MERGE_DTYPES.values()))
 Method = StrEnum("Method", ["lora", "full"])
 LoraInit = StrEnum("LoraInit", ["gaussian", "default", "pissa", "olora"])
 Optimizer = StrEnum("Optimizer", ["adamw", "adamw_8bit", "paged_adamw_8bit"])
@@ -35,8 +37,7 @@ Scheduler = StrEnum("Scheduler", ["linear", "cosine", "constant", "constant_with
 Precision = StrEnum("Precision", ["auto", "no", "bf16", "fp16"])
 OnNonfinite = StrEnum("OnNonfinite", ["stop", "skip"])
 Tracker = StrEnum("Tracker", ["none", "wandb", "tensorboard"])
-MergeDtype = StrEnum("MergeDtype", ["fp32", "bf16", "fp16"])
-MERGE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --dtype / hooks.merge.dtype
+MergeDtype = StrEnum("MergeDtype", list(MERGE_DTYPES))
 
 
 @dataclass
@@ -106,7 +107,7 @@ class TrainConfig:
     max_steps: int = -1  # > 0 overrides epochs
     epochs: float = 1.0
     max_grad_norm: float = 1.0
-    mixed_precision: Precision = Precision.auto  # auto = bf16 on a GPU that supports it, else fp32
+    mixed_precision: Precision = Precision.auto  # auto = bf16 where the GPU or CPU has it natively, else fp32
     eval_every: int = 0  # 0 = only at the end
     save_best: bool = False  # the final adapter is the best evaluation's (primary metric), not the last step's
     early_stopping_patience: int = 0  # stop after this many evaluations without improvement; 0 = never

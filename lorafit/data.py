@@ -143,8 +143,8 @@ def _files(d, task: str) -> Splits:
     train = _read_file(d.train_file, "data.train_file")
     ev = _read_file(d.eval_file, "data.eval_file") if d.eval_file else None
     needed = list(d.text_columns) + ([d.label_column] if task == "seq_cls" else [])
-    for ds, key in ((train, "data.train_file"), (ev, "data.eval_file")) if ev is not None else ((train, "data.train_file"),):
-        missing = [c for c in needed if c not in ds.column_names]
+    for ds, key in ((train, "data.train_file"), (ev, "data.eval_file")):
+        missing = [c for c in needed if c not in ds.column_names] if ds is not None else []
         if missing:
             which = "data.label_column" if missing == [d.label_column] else "data.text_columns"
             raise UserError(f"{key}={getattr(d, key.split('.')[1])!r} has no column {', '.join(map(repr, missing))} "

@@ -232,25 +232,23 @@ def build_model(cfg, labels: list[str] | None = None, quantize: bool = True):
         from peft import prepare_model_for_kbit_training
 
         one_4bit_compute_path(model)
-
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=m.gradient_checkpointing)
     elif m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
-def one_4bit_compute_path(model) -> int:
-    """Keep every bitsandbytes 4-bit layer on its dequantize + matmul path in `compute_dtype`; return how many.
+def one_4bit_compute_path(model) -> None:
+    """Keep every bitsandbytes 4-bit layer on its dequantize + matmul path in `compute_dtype`.
 
     On CPUs with AVX512-BF16, bitsandbytes 0.50 switches a Linear4bit that runs in eval mode under no_grad to a
     fused kernel: it repacks the weights in place and computes in bf16 whatever compute_dtype says. The repacked
     weights then stay, so later training steps run that kernel too, which has no autograd formula (torch warns
     "may lead to silently incorrect behavior"). The evaluated, merged and trained functions would differ by CPU.
     """
-    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
-    for m in layers:
-        m.support_avx512bf16_for_cpu = False
-    return len(layers)
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
 
 
 def meta_model(cfg):

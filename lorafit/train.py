@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lorafit import checkpoint, metrics
+from lorafit.data import loader
 from lorafit.errors import UserError
 from lorafit.flops import FlopCounter
-from lorafit.data import loader
 
 
 @dataclass
