@@ -28,6 +28,7 @@ MERGE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --d
 # values. Members are str (StrEnum), so `cfg.model.task == "seq_cls"` and dict lookups work as with plain strings.
 Task = StrEnum("Task", ["seq_cls", "causal_lm"])
 DataSource = StrEnum("DataSource", ["bbc_news", "glue", "files", "sft"])
+SftFormat = StrEnum("SftFormat", ["auto", "messages", "sharegpt", "alpaca", "prompt_response"])
 QuantMode = StrEnum("QuantMode", ["none", "int8", "nf4"])
 FloatDtype = StrEnum("FloatDtype", list(MERGE_DTYPES.values()))
 Method = StrEnum("Method", ["lora", "full"])
@@ -58,6 +59,7 @@ class DataConfig:
     source: DataSource = DataSource.bbc_news
     task: Optional[str] = None  # GLUE task name with source=glue (mnli, sst2, ...)
     train_file: Optional[str] = None  # csv / jsonl / parquet for source=files|sft
+    format: SftFormat = SftFormat.auto  # source=sft: row format; auto detects it from the columns
     eval_file: Optional[str] = None  # None: hold out data.eval_fraction of train_file (stratified by label)
     eval_fraction: float = 0.1
     text_columns: List[str] = field(default_factory=lambda: ["text"])  # one column, or two for sentence pairs

@@ -172,14 +172,14 @@ def _files(d, task: str) -> Splits:
 def tokenize(splits: Splits, tokenizer, cfg) -> tuple:
     """Tokenize both splits (truncating to data.max_length, with a warning that counts the rows cut)."""
     max_len, task = cfg.data.max_length, cfg.model.task
-    if cfg.data.source == "sft":
-        encode = lambda batch: _encode_sft(batch, tokenizer, max_len)
-    else:
-        cols = splits.text_columns
-        encode = lambda batch: _encode_text(batch, cols, tokenizer, max_len, task)
     out = []
     for name in ("train", "eval"):
         ds = getattr(splits, name)
+        if cfg.data.source == "sft":
+            fmt = sft_format(ds.column_names, cfg.data.format, f"the {name} split")
+            encode = lambda batch: _encode_sft(batch, tokenizer, max_len, fmt)
+        else:
+            encode = lambda batch: _encode_text(batch, splits.text_columns, tokenizer, max_len, task)
         enc = ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenize {name}")
         n_cut = sum(enc["truncated"])
         if n_cut:
@@ -211,14 +211,50 @@ def _encode_text(batch, cols, tokenizer, max_len: int, task: str) -> dict:
     return enc
 
 
-def _sft_segments(row: dict, tokenizer) -> list[tuple[str, bool]]:
+# SFT row formats -> the fields that identify them. `auto` picks the first whose fields are all columns.
+SFT_FORMATS = {"messages": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instruction", "output"),
+               "prompt_response": ("prompt", "response")}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def sft_format(columns: list[str], wanted: str, key: str) -> str:
+    """The SFT format of a dataset with these columns: data.format, or detected from the columns (auto)."""
+    if wanted != "auto":
+        missing = [c for c in SFT_FORMATS[wanted] if c not in columns]
+        if missing:
+            raise UserError(f"{key}: data.format={wanted} needs the column(s) {missing}; its columns are: "
+                            f"{', '.join(columns)}")
+        return wanted
+    for fmt, fields in SFT_FORMATS.items():
+        if all(c in columns for c in fields):
+            return fmt
+    raise UserError(f"{key}: no SFT format fits its columns ({', '.join(columns)}); expected one of "
+                    + "; ".join(f"{f} ({'+'.join(c)})" for f, c in SFT_FORMATS.items()) + ". Set data.format")
+
+
+def conversation(row: dict, fmt: str) -> list[dict]:
+    """One row of any SFT format as OpenAI-style turns: [{"role": system|user|assistant, "content": str}]."""
+    if any(row.get(c) is None for c in SFT_FORMATS[fmt]):  # a jsonl that mixes formats leaves the others' fields null
+        raise UserError(f"an SFT row has no {' / '.join(SFT_FORMATS[fmt])} (data.format={fmt}): "
+                        f"{json.dumps(row, default=str)[:120]}")
+    if fmt == "messages":
+        return [{"role": t["role"], "content": t["content"]} for t in row["messages"]]
+    if fmt == "sharegpt":
+        turns = []
+        for t in row["conversations"]:
+            if t.get("from") not in SHAREGPT_ROLES:
+                raise UserError(f"sharegpt turn with 'from'={t.get('from')!r}: expected one of {sorted(SHAREGPT_ROLES)}")
+            turns.append({"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]})
+        return turns
+    if fmt == "alpaca":
+        prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+        system = [{"role": "system", "content": row["system"]}] if row.get("system") else []
+        return system + [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
+    return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
+
+
+def _sft_segments(turns: list[dict], tokenizer) -> list[tuple[str, bool]]:
     """A conversation as (text, trains_on_it) pieces: only assistant replies carry loss."""
-    if row.get("messages"):
-        turns = row["messages"]
-    elif row.get("prompt") is not None and row.get("response") is not None:
-        turns = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
-    else:
-        raise UserError(f"SFT row has neither 'messages' nor 'prompt'+'response' fields: {json.dumps(row)[:120]}")
     if tokenizer.chat_template:
         # Render growing prefixes and diff them, so each piece is exactly what the template produces in context.
         render = lambda t, gen=False: tokenizer.apply_chat_template(t, tokenize=False, add_generation_prompt=gen)
@@ -248,12 +284,12 @@ def _sft_segments(row: dict, tokenizer) -> list[tuple[str, bool]]:
     return pieces
 
 
-def _encode_sft(batch, tokenizer, max_len: int) -> dict:
+def _encode_sft(batch, tokenizer, max_len: int, fmt: str) -> dict:
     rows = [dict(zip(batch, vals)) for vals in zip(*batch.values())]
     out = {"input_ids": [], "attention_mask": [], "labels": [], "truncated": [], "n_loss": []}
     for row in rows:
         ids, labels = [], []
-        for text, trains in _sft_segments(row, tokenizer):
+        for text, trains in _sft_segments(conversation(row, fmt), tokenizer):
             piece = tokenizer(text, add_special_tokens=False)["input_ids"]
             ids += piece
             labels += piece if trains else [-100] * len(piece)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from conftest import compose
 
-from lorafit.data import _encode_sft, collate, load_splits, tokenize
+import pytest
+
+from lorafit.data import _encode_sft, collate, load_splits, sft_format, tokenize
+from lorafit.errors import UserError
 from lorafit.models import build_tokenizer
 
 
 def _sft_tokens(rows, tok):
-    batch = {k: [r.get(k) for r in rows] for k in ("prompt", "response", "messages")}
-    return _encode_sft(batch, tok, max_len=256)
+    batch = {k: [r.get(k) for r in rows] for k in rows[0]}
+    return _encode_sft(batch, tok, max_len=256, fmt=sft_format(list(rows[0]), "auto", "rows"))
 
 
 def test_sft_loss_falls_on_response_tokens_only():
@@ -33,6 +36,39 @@ def test_sft_multi_turn_trains_every_assistant_turn():
     trained = tok.decode([i for i, l in zip(ids, labels) if l != -100])
     assert "Hello" in trained and "Goodbye" in trained and "Bye</s>" not in trained.replace("Goodbye", "")
     assert "Be brief" not in trained and "Hi" not in trained
+
+
+SAME_CHAT = {  # one conversation in each SFT format: all must give the tokens and loss mask of `messages`
+    "messages": {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add.\n\n2+2"},
+                              {"role": "assistant", "content": "4"}]},
+    "sharegpt": {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Add.\n\n2+2"},
+                                   {"from": "gpt", "value": "4"}]},
+    "alpaca": {"system": "Be brief.", "instruction": "Add.", "input": "2+2", "output": "4"},
+}
+
+
+@pytest.mark.parametrize("fmt", ["sharegpt", "alpaca"])
+def test_sft_formats_give_the_same_tokens_as_messages(fmt):
+    tok = build_tokenizer(compose("model=tiny-llama").model)
+    assert sft_format(list(SAME_CHAT[fmt]), "auto", "rows") == fmt  # detected from the columns
+    assert _sft_tokens([SAME_CHAT[fmt]], tok) == _sft_tokens([SAME_CHAT["messages"]], tok)
+    plain = {"prompt": "Add.\n\n2+2", "response": "4"}  # alpaca without system/input is prompt/response
+    alpaca = {"instruction": "Add.\n\n2+2", "input": "", "output": "4"}
+    assert _sft_tokens([alpaca], tok) == _sft_tokens([plain], tok)
+
+
+def test_sft_format_errors_name_the_columns(write_jsonl):
+    with pytest.raises(UserError, match="data.format=alpaca needs the column.*'instruction'.*its columns are: text"):
+        sft_format(["text"], "alpaca", "data.train_file='x.jsonl'")
+    with pytest.raises(UserError, match="no SFT format fits its columns \\(text\\).*sharegpt \\(conversations\\)"):
+        sft_format(["text"], "auto", "data.train_file='x.jsonl'")
+    tok = build_tokenizer(compose("model=tiny-llama").model)
+    with pytest.raises(UserError, match="sharegpt turn with 'from'='bot'"):
+        _sft_tokens([{"conversations": [{"from": "bot", "value": "x"}]}], tok)
+    cfg = compose("model=tiny-llama", "data=sft", "data.eval_fraction=0.5",
+                  f"data.train_file={write_jsonl('t.jsonl', [{'prompt': 'q', 'response': 'a'}, {'messages': None}] * 4)}")
+    with pytest.raises(UserError, match="an SFT row has no messages .data.format=messages.: .\"prompt\": null"):  # a mixed file
+        tokenize(load_splits(cfg), tok, cfg)
 
 
 def test_truncation_is_counted_and_applied(caplog):
@@ -104,10 +140,6 @@ def test_without_an_eval_file_a_stratified_seeded_split_is_held_out(caplog):
 
 
 def test_sft_without_an_eval_file_holds_out_rows(write_jsonl):
-    import pytest
-
-    from lorafit.errors import UserError
-
     rows = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(50)]
     splits = load_splits(compose("model=tiny-llama", "data=sft", f"data.train_file={write_jsonl('t.jsonl', rows)}"))
     assert (len(splits.train), len(splits.eval)) == (45, 5)
