@@ -321,47 +321,6 @@ def _probe_module(W0, merged, f, lora_config, fan_in_fan_out: bool, g, n: int, r
 
 # --- CLI -----------------------------------------------------------------------------------------------------------
 
-def _run_info(adapter_dir: Path, state: dict, config: dict, base: str) -> dict:
-    """Task, labels, model and quant config of the run that trained this adapter (best guesses for foreign ones:
-    the task from peft's task_type, or else from the base's architecture)."""
-    from lorafit.adapters import RUN_INFO
-
-    path = adapter_dir / RUN_INFO
-    if path.is_file():
-        info = json.loads(path.read_text())
-        if not isinstance(info.get("model"), dict):  # written before lorafit recorded the configs in full
-            info.update(model={}, quant={"mode": info.get("quant", "none")})
-        return info
-    task = {"SEQ_CLS": "seq_cls", "CAUSAL_LM": "causal_lm"}.get(config.get("task_type"))
-    if task is None and config.get("task_type") is None:
-        from omegaconf import OmegaConf
-
-        from lorafit.config import ModelConfig
-        from lorafit.models import load_config
-
-        arch = " ".join(load_config(OmegaConf.merge(OmegaConf.structured(ModelConfig), {"name": base})).architectures or [])
-        task = "causal_lm" if "ForCausalLM" in arch else "seq_cls" if "ForSequenceClassification" in arch else None
-    if task is None:
-        raise UserError(f"{adapter_dir}: adapter task_type {config.get('task_type')!r} is not SEQ_CLS or CAUSAL_LM, "
-                        "and the base's architecture does not say which")
-    head = [v for k, v in state.items() if k.endswith(("classifier.weight", "score.weight", "out_proj.weight"))]
-    labels = [f"LABEL_{i}" for i in range(head[-1].shape[0])] if task == "seq_cls" and head else None
-    return {"task": task, "labels": labels, "model": {}, "quant": {"mode": "none"}}
-
-
-def _tokenizer(cfg_model, adapter_dir: Path):
-    """The tokenizer saved beside the adapter (lorafit does that), else the base's, else None: a merge needs
-    weights, not a tokenizer, and many bases are saved with `save_pretrained` alone."""
-    from lorafit.models import build_tokenizer
-
-    for path in ([adapter_dir] if (adapter_dir / "tokenizer_config.json").is_file() else []) + [None]:
-        try:
-            return build_tokenizer(cfg_model, path)
-        except (UserError, OSError, ValueError, TypeError):
-            continue
-    return None
-
-
 def _probe(tokenizer, cfg_model) -> dict:
     """The probe batch the merge is verified on: real text when there is a tokenizer, random token ids otherwise."""
     from lorafit.data import collate
@@ -390,10 +349,8 @@ def parse_args(argv=None):
 
 @user_errors_as_one_line
 def main(argv=None) -> dict:
-    from omegaconf import OmegaConf
-
+    from lorafit.adapters import run_config, saved_tokenizer
     from lorafit.analysis.spectrum import adapter_dir, read_adapter
-    from lorafit.config import Config
     from lorafit.models import resolve
 
     args = parse_args(argv)
@@ -417,10 +374,8 @@ def main(argv=None) -> dict:
         print(f"merged {report['merged_modules']} modules over {report['shards']} shards into {out}; "
               f"max relative module-probe error {report['max_abs_diff_module_probe']:.2e}")
         return report
-    info = _run_info(dirs[0], state, config, base)
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), {"model": {**info["model"], "name": base, "task": info["task"]},
-                                                          "quant": info["quant"]})
-    tokenizer = _tokenizer(cfg.model, dirs[0])
+    cfg, info = run_config(dirs[0], state, config, base)
+    tokenizer = saved_tokenizer(cfg.model, dirs[0])
     probe = _probe(tokenizer, cfg.model)
     report = merge_and_verify(merge_base(cfg, info.get("labels"), args.dtype), dirs, out, probe, cfg, args.dtype,
                               tokenizer, weights=args.weights, combination=args.combination)
