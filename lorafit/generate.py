@@ -34,7 +34,7 @@ def load(path: str | Path, base: str | None = None, allow_pickle: bool = False) 
     """The model at `path` (merged dir, adapter dir, or run dir holding adapter/), in eval mode."""
     from omegaconf import OmegaConf
 
-    from lorafit.adapters import run_config, saved_tokenizer
+    from lorafit.saved import run_config, saved_tokenizer
     from lorafit.analysis.spectrum import ADAPTER_CONFIG, adapter_dir, read_adapter
     from lorafit.config import ModelConfig
     from lorafit.models import auto_class, build_model, build_tokenizer, load_config

@@ -349,7 +349,7 @@ def parse_args(argv=None):
 
 @user_errors_as_one_line
 def main(argv=None) -> dict:
-    from lorafit.adapters import run_config, saved_tokenizer
+    from lorafit.saved import run_config, saved_tokenizer
     from lorafit.analysis.spectrum import adapter_dir, read_adapter
     from lorafit.models import resolve
 
