@@ -39,6 +39,7 @@ Precision = StrEnum("Precision", ["auto", "no", "bf16", "fp16"])
 OnNonfinite = StrEnum("OnNonfinite", ["stop", "skip"])
 Tracker = StrEnum("Tracker", ["none", "wandb", "tensorboard"])
 MergeDtype = StrEnum("MergeDtype", list(MERGE_DTYPES))
+GgufType = StrEnum("GgufType", ["f16", "q8_0"])  # lorafit.export.GGUF_TYPES
 
 
 @dataclass
@@ -136,6 +137,7 @@ class SpectrumHook:
 class MergeHook:
     dir: str = "merged"
     dtype: MergeDtype = MergeDtype.fp32
+    gguf: Optional[GgufType] = None  # also write merged/model-TYPE.gguf for llama.cpp / Ollama (Llama models)
 
 
 @dataclass
@@ -261,6 +263,12 @@ def validate(cfg) -> None:
     if cfg.logging.backend == "wandb" and importlib.util.find_spec("wandb") is None:
         errors.append("logging.backend=wandb needs wandb: pip install wandb")
 
+    if cfg.hooks.merge is not None and cfg.hooks.merge.gguf is not None:
+        from lorafit.models import load_config
+
+        if m.task != "causal_lm" or load_config(m).model_type != "llama":
+            errors.append(f"hooks.merge.gguf={cfg.hooks.merge.gguf} exports Llama-architecture causal LMs; "
+                          f"{m.name} ({m.task}) is not one: set hooks.merge.gguf=null")
     if lo.method == "lora":  # checks against the model's own modules, built on the meta device (no weights loaded)
         from lorafit.adapters import check_targets
 

@@ -93,6 +93,10 @@ def merge(ctx: RunContext) -> None:
                                             ctx.run_dir / hook.dir, ctx.probe, ctx.cfg, hook.dtype,
                                             tokenizer=ctx.tokenizer, reference=ctx.model,
                                             mixed_precision=ctx.accelerator.mixed_precision)
+    if hook.gguf is not None:
+        from lorafit.export import to_gguf
+
+        ctx.summary["merge"]["gguf"] = to_gguf(ctx.run_dir / hook.dir, hook.gguf)
 
 
 def _saved_adapter(ctx: RunContext) -> Path:

@@ -28,6 +28,7 @@ import torch
 from lorafit.cli import user_errors_as_one_line
 from lorafit.config import MERGE_DTYPES
 from lorafit.errors import UserError, atomic_dir
+from lorafit.export import GGUF_TYPES
 
 # Max abs logit diff, relative to the logits' scale. A wrong merge (scaling, transposition, a missed module) is off
 # by O(1); fp32 rounding alone reached 1.6e-4 on a tiny model trained at a high lr (float64: exact), hence 1e-3.
@@ -344,6 +345,7 @@ def parse_args(argv=None):
     p.add_argument("--combination", default="linear", choices=["linear", "svd", "ties", "cat"])
     p.add_argument("--stream", action="store_true", help="shard-by-shard merge of a safetensors checkpoint (bounded memory)")
     p.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin (a pickle: only if you trust it)")
+    p.add_argument("--gguf", choices=GGUF_TYPES, help="also write OUT/model-TYPE.gguf for llama.cpp / Ollama (Llama models)")
     return p.parse_args(argv)
 
 
@@ -373,7 +375,7 @@ def main(argv=None) -> dict:
         report = stream_merge(Path(resolve(base)), dirs[0], out, args.dtype, args.allow_pickle)
         print(f"merged {report['merged_modules']} modules over {report['shards']} shards into {out}; "
               f"max relative module-probe error {report['max_abs_diff_module_probe']:.2e}")
-        return report
+        return _export(report, out, args.gguf)
     cfg, info = run_config(dirs[0], state, config, base)
     tokenizer = saved_tokenizer(cfg.model, dirs[0])
     probe = _probe(tokenizer, cfg.model)
@@ -381,6 +383,18 @@ def main(argv=None) -> dict:
                               tokenizer, weights=args.weights, combination=args.combination)
     print(f"merged into {out} ({args.dtype}); max |logit diff| merged vs unmerged = "
           f"{report['max_abs_diff_merged_vs_unmerged']:.2e} (tolerance {report['tolerance']:.1e})")
+    return _export(report, out, args.gguf)
+
+
+def _export(report: dict, out: Path, qtype: str | None) -> dict:
+    """--gguf: the verified merged model, also as one GGUF file beside it."""
+    if qtype is not None:
+        from lorafit.export import to_gguf
+
+        report["gguf"] = to_gguf(out, qtype)
+        (out / "merge_report.json").write_text(json.dumps(report, indent=1))
+        print(f"wrote {report['gguf']['file']} ({report['gguf']['bytes'] / 2**20:.1f} MiB, tokenizer.ggml.pre="
+              f"{report['gguf']['tokenizer_pre']})")
     return report
 
 

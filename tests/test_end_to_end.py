@@ -57,10 +57,15 @@ def test_default_minilm_on_bbc_news(tmp_path):
         assert (tmp_path / "an" / name).is_file()
 
 
-def test_smollm2_causal_lm_runs_and_merges(tmp_path):
+def test_smollm2_causal_lm_runs_merges_and_exports_gguf(tmp_path):
+    from test_merge import gguf_matches_merged
+
     out = run_cli("recipe=smollm2_bbc", "train.max_steps=3", "data.max_length=64", "data.eval_size=8",
-                  "data.max_train_samples=64", "hooks=[save_adapter,merge]", f"hydra.run.dir={tmp_path}")
+                  "data.max_train_samples=64", "hooks=[save_adapter,merge]", "hooks.merge.gguf=f16",
+                  f"hydra.run.dir={tmp_path}")
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert 1 < summary["eval"]["perplexity"] < 200  # a real pretrained LM on news text, not a random one
     assert summary["merge"]["max_abs_diff_merged_vs_unmerged"] < 1e-3
+    assert summary["merge"]["gguf"]["tokenizer_pre"] == "smollm"  # llama.cpp's name for SmolLM's pre-tokenizer
+    assert gguf_matches_merged(tmp_path / "merged", "f16") <= 1e-2  # transformers reads the file back

@@ -252,3 +252,43 @@ def test_merge_must_match_the_trained_model_or_nothing_is_saved(tmp_path, lm_run
         merge_and_verify(merge_base(cfg, None, "fp32"), [lm_runs[0] / "adapter"], tmp_path / "m", probe, cfg,
                          reference=other)
     assert not (tmp_path / "m").exists()
+
+
+def gguf_matches_merged(merged_dir: Path, qtype: str) -> float:
+    """Max |logit diff| of transformers' GGUF reader on merged_dir/model-QTYPE.gguf vs the merged HF model,
+    relative to the logits' scale; the GGUF's own tokenizer must encode as the HF one does."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    text = ["Shares in the bank rose after profits beat forecasts.", "The striker scored twice in the final."]
+    tok, tok_gguf = (AutoTokenizer.from_pretrained(merged_dir, **kw) for kw in ({}, {"gguf_file": f"model-{qtype}.gguf"}))
+    assert tok_gguf(text)["input_ids"] == tok(text)["input_ids"]
+    import gguf
+
+    fields = gguf.GGUFReader(merged_dir / f"model-{qtype}.gguf").fields  # llama.cpp's chat needs the template
+    assert fields["tokenizer.chat_template"].contents() == tok.chat_template
+    ids = tok(text, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(merged_dir)(**ids).logits
+        out = AutoModelForCausalLM.from_pretrained(merged_dir, gguf_file=f"model-{qtype}.gguf")(**ids).logits
+    return float((out - ref).abs().max() / ref.abs().max())
+
+
+@pytest.mark.parametrize(("qtype", "bound"), [("f16", 1e-2), ("q8_0", 3e-2)])
+def test_gguf_export_reads_back_with_the_merged_logits(tmp_path, lm_runs, qtype, bound):
+    out = merge_cli(lm_runs[0], "--out", tmp_path / "m", "--gguf", qtype)
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "m" / "merge_report.json").read_text())["gguf"]
+    assert report["tensors"] == ({"F16": 15, "F32": 5} if qtype == "f16" else {"Q8_0": 15, "F32": 5})  # tied head left out
+    assert gguf_matches_merged(tmp_path / "m", qtype) <= bound
+
+
+def test_gguf_export_refuses_what_it_does_not_write(tmp_path, cls_run):
+    out = merge_cli(cls_run, "--out", tmp_path / "m", "--gguf", "f16")
+    assert out.returncode == 2 and "--gguf exports Llama-architecture models" in out.stderr and "Traceback" not in out.stderr
+    from conftest import compose
+
+    from lorafit.config import validate
+    from lorafit.errors import UserError
+
+    with pytest.raises(UserError, match="hooks.merge.gguf=f16 exports Llama-architecture causal LMs"):
+        validate(compose(*TINY_CLS, "hooks=[merge]", "hooks.merge.gguf=f16"))

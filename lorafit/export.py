@@ -1,0 +1,147 @@
+"""A merged Llama-architecture model -> one GGUF file for llama.cpp and Ollama (`lorafit.merge ... --gguf f16|q8_0`).
+
+Written with the `gguf` package (llama.cpp's own writer and tensor-name map), the way llama.cpp's converter
+writes Llama: q/k projections permuted to llama.cpp's rotary layout, norms in fp32, a tied lm_head left out (llama.cpp
+then reuses the token embeddings), the byte-level BPE vocab with merges and the chat template. transformers reads
+the file back (`from_pretrained(dir, gguf_file=...)`); the tests compare its logits with the merged model's.
+Only what has been run is accepted: the Llama architecture with default RoPE and a byte-level BPE tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from hashlib import sha256
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lorafit.errors import UserError
+
+GGUF_TYPES = ("f16", "q8_0")  # config.GgufType
+
+# llama.cpp picks its pre-tokenizer regex by `tokenizer.ggml.pre`, which its converter finds by hashing the token ids
+# of this probe text. Hashes checked here: SmolLM2's tokenizer gives the first (llama.cpp's "smollm").
+PRE_TOKENIZER_PROBE = ("\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n\U0001f680 (normal) \U0001f636\u200d\U0001f32b\ufe0f "
+                       "(multiple emojis concatenated) \u2705 \U0001f999\U0001f999 3 33 333 3333 33333 333333 3333333 "
+                       "33333333 3.3 3..3 3...3 \u1780\u17b6\u1793\u17cb\u178f\u17c2\u1796\u17b7\u179f\u17c1\u179f\u17a2"
+                       "\u17b6\u1785\U0001f601 ?\u6211\u60f3\u5728apple\u5de5\u4f5c1314151\u5929\uff5e ------======= "
+                       "\u043d\u0435\u0449\u043e \u043d\u0430 \u0411\u044a\u043b\u0433\u0430\u0440\u0441\u043a\u0438 "
+                       "''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not sure "
+                       "I'll make it, 'D you like some tea? We'Ve a'lL")
+PRE_TOKENIZERS = {"855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm"}
+
+
+def to_gguf(model_dir: Path, qtype: str = "f16") -> dict:
+    """Write the HF model in `model_dir` as model_dir/model-QTYPE.gguf (`qtype` for 2-D weights); return what was
+    written."""
+    import gguf
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(model_dir)
+    if config.model_type != "llama":
+        raise UserError(f"--gguf exports Llama-architecture models (SmolLM2, Llama, ...); {model_dir} is "
+                        f"{config.model_type!r}. Use llama.cpp's convert_hf_to_gguf.py on the merged dir")
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise UserError(f"--gguf: {model_dir} uses RoPE scaling {rope.get('rope_type')!r}, which this exporter does "
+                        "not write; use llama.cpp's convert_hf_to_gguf.py on the merged dir")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError):
+        raise UserError(f"--gguf needs the tokenizer in {model_dir}: a GGUF file carries its vocab") from None
+    n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+    qt = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[qtype]
+
+    out_file = Path(model_dir) / f"model-{qtype}.gguf"
+    tmp = out_file.with_name(f".{out_file.name}.tmp")  # renamed into place once complete
+    writer = gguf.GGUFWriter(tmp, "llama")
+    writer.add_name(Path(model_dir).name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype])
+    pre = _vocab(writer, tokenizer, model_dir, config.vocab_size)
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise UserError(f"--gguf: no safetensors weights in {model_dir}")
+    counts = {}
+    for f in files:
+        with safe_open(f, "pt") as h:
+            for key in h.keys():  # noqa: SIM118 (safe_open is no dict)
+                if key == "lm_head.weight" and config.tie_word_embeddings:
+                    continue
+                name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+                if name is None:
+                    raise UserError(f"--gguf: tensor {key!r} of {f.name} has no llama.cpp name; not a plain Llama")
+                w = h.get_tensor(key).float()
+                if key.endswith("q_proj.weight"):
+                    w = _permute(w, n_head)
+                elif key.endswith("k_proj.weight"):
+                    w = _permute(w, n_kv)
+                data, kind = _encode(w, qt, gguf)
+                writer.add_tensor(name, data, raw_dtype=kind)
+                counts[kind.name] = counts.get(kind.name, 0) + 1
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tmp.replace(out_file)
+    return {"file": str(out_file), "type": qtype, "tensors": counts, "tokenizer_pre": pre,
+            "bytes": out_file.stat().st_size}
+
+
+def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """HF's rotary layout (the two halves of each head) -> llama.cpp's (interleaved pairs), as its converter does."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _encode(w: torch.Tensor, qt, gguf) -> tuple[np.ndarray, object]:
+    """1-D tensors (norms) stay fp32, as in llama.cpp; matrices go to `qt`, or f16 where a row does not split
+    into Q8_0's blocks of 32."""
+    if w.dim() == 1:
+        return w.numpy(), gguf.GGMLQuantizationType.F32
+    if qt == gguf.GGMLQuantizationType.Q8_0 and w.shape[-1] % 32 == 0:
+        return gguf.quants.quantize(w.numpy(), qt), qt
+    return w.half().numpy(), gguf.GGMLQuantizationType.F16
+
+
+def _vocab(writer, tokenizer, model_dir: Path, n_vocab: int) -> str:
+    """The byte-level BPE vocab, token types, merges, special ids and chat template; returns tokenizer.ggml.pre."""
+    import gguf
+
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    if model.get("type") != "BPE":
+        raise UserError(f"--gguf exports byte-level BPE tokenizers; {model_dir}'s is {model.get('type')!r}")
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(n_vocab):
+        if i not in by_id:  # the embedding has rows the tokenizer never emits
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL if i not in added else
+                         gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+    pre = PRE_TOKENIZERS.get(sha256(str(tokenizer.encode(PRE_TOKENIZER_PROBE)).encode()).hexdigest(), "default")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=n_vocab)
+    if special.chat_template is None and tokenizer.chat_template:  # transformers 5 keeps it in chat_template.jinja
+        special.chat_template = tokenizer.chat_template
+    special.add_to_gguf(writer)
+    return pre
