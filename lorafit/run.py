@@ -73,6 +73,23 @@ def _accelerator(cfg, run_dir: Path):
     return accelerator
 
 
+WANDB_ID = "wandb_run_id"  # in the run dir: a resumed run logs into the same W&B run
+
+
+def _wandb_resume(run_dir: Path, resume: str | None) -> dict:
+    """W&B run id and resume mode: the run dir keeps the id, so `train.resume` continues that W&B run instead of
+    starting a second one. Steps the crashed run logged past its checkpoint are not logged twice: W&B keeps the
+    first value of a step (on CPU the resumed run recomputes the same values bitwise)."""
+    path = run_dir / WANDB_ID
+    if resume is not None and path.is_file():
+        return {"id": path.read_text().strip(), "resume": "allow"}
+    import uuid
+
+    run_id = uuid.uuid4().hex[:12]  # W&B's own ids are 8 lowercase alphanumerics; any such string is accepted
+    path.write_text(run_id)
+    return {"id": run_id}
+
+
 def _quiet_libraries() -> None:
     """Keep the terminal for lorafit's own progress bar and summary: libraries show errors only, and warnings
     that concern the run (truncation, bad data) come from lorafit's own logger."""
@@ -124,8 +141,10 @@ def run(cfg, run_dir: Path | None = None) -> float:
         name = cfg.logging.run_name or run_dir.name
         # TensorBoard's hparams take scalars only: give it flat keys and printable values.
         tracker_config = resolved if cfg.logging.backend == "wandb" else _flat_scalars(resolved)
-        accelerator.init_trackers(cfg.logging.project, config=tracker_config, init_kwargs={
-            "wandb": {"name": name, "group": cfg.logging.group or _sweep_group(), "dir": str(run_dir)}})
+        wandb = {"name": name, "group": cfg.logging.group or _sweep_group(), "dir": str(run_dir)}
+        if cfg.logging.backend == "wandb" and accelerator.is_main_process:
+            wandb.update(_wandb_resume(run_dir, cfg.train.resume))
+        accelerator.init_trackers(cfg.logging.project, config=tracker_config, init_kwargs={"wandb": wandb})
     result = train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir,
                    MetricsLog(run_dir / "metrics.jsonl", accelerator))
 

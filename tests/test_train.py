@@ -188,6 +188,18 @@ def test_wandb_offline_writes_a_run_and_keeps_secrets_out(tmp_path, monkeypatch)
             assert b"fake-key-0123456789abcdef" not in f.read_bytes(), f
 
 
+def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    args = (*TINY_CLS, "train.max_steps=4", "train.save_every=2", "logging=wandb", "hooks=[]")
+    run_dir, _ = run_inprocess(tmp_path, *args)
+    run_inprocess(tmp_path, *args, "train.resume=auto")  # the same run dir, from its last checkpoint
+    other, _ = run_inprocess(tmp_path / "other", *args)  # a new run: a new W&B run
+    ids = lambda d: sorted(p.name.rsplit("-", 1)[1] for p in (d / "wandb").glob("offline-run-*"))
+    run_id = (run_dir / "wandb_run_id").read_text()
+    assert ids(run_dir) == [run_id, run_id] and ids(other) != [run_id]
+
+
 def test_tensorboard_writes_events(tmp_path):
     run_dir, _ = run_inprocess(tmp_path, *TINY_CLS, "train.max_steps=3", "logging=tensorboard", "hooks=[]")
     assert list(run_dir.rglob("events.out.tfevents.*"))
