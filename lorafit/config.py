@@ -123,6 +123,12 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    generate: int = 0  # causal-LM SFT: generate replies for the first N eval rows at every evaluation; 0 = off
+    max_new_tokens: int = 64  # per generated reply (greedy)
+
+
+@dataclass
 class SaveAdapterHook:
     dir: str = "adapter"
 
@@ -163,6 +169,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     hooks: HooksConfig = field(default_factory=HooksConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -221,6 +228,13 @@ def validate(cfg) -> None:
             errors.append(f"train.{key}={getattr(t, key)} must be >= 0 (0 turns it off)")
     if t.resume not in (None, "auto") and not Path(t.resume).is_dir():
         errors.append(f"train.resume={t.resume!r}: no such checkpoint dir (use 'auto' or a checkpoints/step_N path)")
+
+    if cfg.eval.generate < 0 or cfg.eval.max_new_tokens <= 0:
+        errors.append(f"eval.generate={cfg.eval.generate} must be >= 0 and eval.max_new_tokens="
+                      f"{cfg.eval.max_new_tokens} > 0")
+    if cfg.eval.generate and d.source != "sft":
+        errors.append(f"eval.generate={cfg.eval.generate} scores replies against the reference ones of SFT data: "
+                      f"it needs data=sft (data.source is {d.source}); set eval.generate=0")
 
     if d.max_length < 8:
         errors.append(f"data.max_length={d.max_length} must be >= 8")

@@ -253,6 +253,20 @@ def conversation(row: dict, fmt: str) -> list[dict]:
     return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
 
 
+def generation_rows(ds, cfg) -> list[dict]:
+    """eval.generate: the first N eval rows as the prompt (the conversation before its last assistant turn) and
+    the reference reply (that turn)."""
+    fmt = sft_format(ds.column_names, cfg.data.format, "the eval split")
+    rows = []
+    for row in ds.select(range(min(cfg.eval.generate, len(ds)))):
+        turns = conversation(row, fmt)
+        last = max((i for i, t in enumerate(turns) if t["role"] == "assistant"), default=None)
+        if last is None:
+            raise UserError(f"eval.generate: an eval row has no assistant reply to score against: {json.dumps(row)[:120]}")
+        rows.append({"turns": turns[:last], "reference": turns[last]["content"]})
+    return rows
+
+
 def _sft_segments(turns: list[dict], tokenizer) -> list[tuple[str, bool]]:
     """A conversation as (text, trains_on_it) pieces: only assistant replies carry loss."""
     if tokenizer.chat_template:

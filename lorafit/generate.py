@@ -92,6 +92,34 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, te
     return out
 
 
+def generation_eval(rows: list[dict], tokenizer, cfg, accelerator, run_dir: Path):
+    """eval.generate: a function (model, step) -> {exact_match, rouge_l} that generates replies to `rows` (greedy,
+    on the main process), scores them against the references, and keeps the samples: generations.jsonl in the run
+    dir, and a prompt / reference / output table on W&B."""
+    from lorafit import metrics
+
+    prompts = [prompt_text(tokenizer, r["turns"]) for r in rows]
+
+    def score(model, step: int) -> dict:
+        if not accelerator.is_main_process:
+            return {}
+        with accelerator.autocast():  # the precision evaluation runs in
+            outputs = generate(model, tokenizer, prompts, cfg.eval.max_new_tokens)
+        samples = [{"step": step, "prompt": p, "reference": r["reference"], "output": o}
+                   for p, r, o in zip(prompts, rows, outputs)]
+        with (run_dir / "generations.jsonl").open("a") as f:
+            f.write("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+        if cfg.logging.backend == "wandb":
+            import wandb
+
+            table = wandb.Table(columns=["prompt", "reference", "output"],
+                                data=[[s["prompt"], s["reference"], s["output"]] for s in samples])
+            accelerator.get_tracker("wandb", unwrap=True).log({"eval/generations": table}, step=step)
+        return {f"gen_{k}": v for k, v in metrics.generation(outputs, [r["reference"] for r in rows]).items()}
+
+    return score
+
+
 @torch.no_grad()
 def classify(loaded: Loaded, texts: list[str]) -> list[dict]:
     enc = loaded.tokenizer(texts, return_tensors="pt", padding=True, truncation=True)

@@ -61,3 +61,13 @@ def regression(preds: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 def language_model(loss_sum: float, n_tokens: int) -> dict[str, float]:
     loss = loss_sum / max(n_tokens, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def generation(outputs: list[str], references: list[str]) -> dict[str, float]:
+    """Exact match (after stripping whitespace) and ROUGE-L F1 (google's rouge-score, as HF evaluate uses) of
+    generated replies against the reference replies."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    return {"exact_match": mean([float(o.strip() == r.strip()) for o, r in zip(outputs, references)]),
+            "rouge_l": mean([scorer.score(r, o)["rougeL"].fmeasure for o, r in zip(outputs, references)])}

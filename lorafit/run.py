@@ -145,8 +145,13 @@ def run(cfg, run_dir: Path | None = None) -> float:
         if cfg.logging.backend == "wandb" and accelerator.is_main_process:
             wandb.update(_wandb_resume(run_dir, cfg.train.resume))
         accelerator.init_trackers(cfg.logging.project, config=tracker_config, init_kwargs={"wandb": wandb})
+    generations = None
+    if cfg.eval.generate:
+        from lorafit.generate import generation_eval
+
+        generations = generation_eval(data.generation_rows(splits.eval, cfg), tokenizer, cfg, accelerator, run_dir)
     result = train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir,
-                   MetricsLog(run_dir / "metrics.jsonl", accelerator))
+                   MetricsLog(run_dir / "metrics.jsonl", accelerator), generations)
 
     metric = metrics.primary_metric(cfg)
     summary = {

@@ -115,7 +115,8 @@ def evaluate(model, batches, cfg, accelerator) -> dict:
     return {**out, "n": len(res)}  # rows evaluated: each exactly once, however many processes
 
 
-def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, log) -> TrainResult:
+def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, log, generations=None) -> TrainResult:
+    """`generations(model, step) -> dict`, if given, adds generation scores to every evaluation (eval.generate)."""
     t, task, pad_id, nproc = cfg.train, cfg.model.task, tokenizer.pad_token_id, accelerator.num_processes
     per_epoch = len(train_ds) // (t.batch_size * nproc)  # micro-batches per process per epoch (drop_last)
     if per_epoch == 0:
@@ -198,6 +199,8 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
         if (t.eval_every and step % t.eval_every == 0) or step == total:
             t_eval = time.perf_counter()
             res.eval = evaluate(model, eval_loader, cfg, accelerator)
+            if generations is not None:
+                res.eval.update(generations(accelerator.unwrap_model(model), step))
             res.eval_s += time.perf_counter() - t_eval
             log.write(step, {f"eval/{k}": v for k, v in res.eval.items()})
             bar.write(f"step {step}: " + "  ".join(f"eval/{k}={v:.4f}" if isinstance(v, float) else f"eval/{k}={v}"
@@ -256,7 +259,9 @@ class MetricsLog:
                 f.write(json.dumps({"step": step, **values}) + "\n")
 
     def truncate_after(self, step: int) -> None:
-        """On resume, forget what the crashed run logged past its checkpoint; the resumed run logs it again."""
-        if self.accelerator.is_main_process and self.path.is_file():
-            keep = [l for l in self.path.read_text().splitlines() if l and json.loads(l)["step"] <= step]
-            self.path.write_text("".join(l + "\n" for l in keep))
+        """On resume, forget what the crashed run logged past its checkpoint (metrics, and the eval.generate samples
+        beside them); the resumed run logs it again."""
+        for path in (self.path, self.path.with_name("generations.jsonl")):
+            if self.accelerator.is_main_process and path.is_file():
+                keep = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= step]
+                path.write_text("".join(l + "\n" for l in keep))

@@ -1,0 +1,49 @@
+"""eval.generate: replies generated at every evaluation, scored (exact match, ROUGE-L), kept and logged."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import compose, metrics_lines, run_inprocess
+
+from lorafit.errors import UserError
+from lorafit.metrics import generation
+
+SFT = ["model=tiny-llama", "data=sft", "train.mixed_precision=no", "train.batch_size=4", "train.lr=3e-2",
+       "lora.target_modules=all-linear", "hooks=[]", "train.log_every=1"]
+
+
+def test_generation_scores_by_hand():
+    out = generation(["the cat sat", " Four. ", "x"], ["the cat sat on the mat", "Four.", "y"])
+    assert out["exact_match"] == pytest.approx(1 / 3)  # whitespace around a reply does not count
+    # ROUGE-L F1: LCS 3 of 3 and 6 tokens -> 2/3; identical -> 1; nothing shared -> 0
+    assert out["rouge_l"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+
+
+def test_a_memorized_reply_is_generated_exactly_and_logged(tmp_path, write_jsonl, monkeypatch):
+    """Trained on one prompt/reply, greedy generation from the eval prompt gives the reply: the prompt is built the
+    way training rendered it, and the reply is cut at end of turn."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    rows = [{"prompt": "Say hello.", "response": "hello there friend"}] * 40
+    run_dir, summary = run_inprocess(tmp_path, *SFT, f"data.train_file={write_jsonl('t.jsonl', rows)}",
+                                     "train.max_steps=30", "train.eval_every=15", "eval.generate=2",
+                                     "eval.max_new_tokens=16", "logging=wandb")
+    evals = [l for l in metrics_lines(run_dir) if "eval/gen_rouge_l" in l]
+    assert [l["step"] for l in evals] == [15, 30]
+    samples = [json.loads(l) for l in (run_dir / "generations.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [15, 15, 30, 30]
+    last = samples[2:]
+    assert [s["output"] for s in last] == ["hello there friend"] * 2 and last[0]["prompt"].endswith("<|assistant|>\n")
+    assert summary["eval"]["gen_exact_match"] == 1.0 and summary["eval"]["gen_rouge_l"] == 1.0
+    assert evals[-1]["eval/gen_rouge_l"] == generation([s["output"] for s in last], [s["reference"] for s in last])["rouge_l"]
+    (table,) = run_dir.glob("wandb/offline-run-*/files/media/table/eval/generations_30_*.table.json")
+    assert json.loads(table.read_text())["columns"] == ["prompt", "reference", "output"]
+
+
+def test_generation_eval_needs_sft_data():
+    from lorafit.config import validate
+
+    with pytest.raises(UserError, match="eval.generate=2 scores replies .* it needs data=sft"):
+        validate(compose("model=tiny-llama", "eval.generate=2"))
