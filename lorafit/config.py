@@ -28,6 +28,7 @@ MERGE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --d
 # values. Members are str (StrEnum), so `cfg.model.task == "seq_cls"` and dict lookups work as with plain strings.
 Task = StrEnum("Task", ["seq_cls", "causal_lm"])
 DataSource = StrEnum("DataSource", ["bbc_news", "glue", "files", "sft"])
+MixStrategy = StrEnum("MixStrategy", ["over", "under"])
 SftFormat = StrEnum("SftFormat", ["auto", "messages", "sharegpt", "alpaca", "prompt_response"])
 QuantMode = StrEnum("QuantMode", ["none", "int8", "nf4"])
 FloatDtype = StrEnum("FloatDtype", list(MERGE_DTYPES.values()))
@@ -56,6 +57,16 @@ class ModelConfig:
 
 
 @dataclass
+class MixSource:
+    """One entry of data.mix: a local file or a hub dataset, and its sampling weight."""
+    train_file: Optional[str] = None
+    hf_dataset: Optional[str] = None
+    hf_subset: Optional[str] = None
+    hf_split: str = "train"
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
     source: DataSource = DataSource.bbc_news
     task: Optional[str] = None  # GLUE task name with source=glue (mnli, sst2, ...)
@@ -63,6 +74,12 @@ class DataConfig:
     format: SftFormat = SftFormat.auto  # source=sft: row format; auto detects it from the columns
     eval_file: Optional[str] = None  # None: hold out data.eval_fraction of train_file (stratified by label)
     eval_fraction: float = 0.1
+    hf_dataset: Optional[str] = None  # source=files|sft: a hub dataset (or local dataset dir) instead of train_file
+    hf_subset: Optional[str] = None
+    hf_split: str = "train"
+    hf_eval_split: Optional[str] = None  # None: data.eval_file, or else hold out data.eval_fraction
+    mix: List[MixSource] = field(default_factory=list)  # several train sources, interleaved by weight
+    mix_strategy: MixStrategy = MixStrategy.over  # over: until every source is used up (small ones repeat); under: until the first is
     text_columns: List[str] = field(default_factory=lambda: ["text"])  # one column, or two for sentence pairs
     label_column: str = "label"
     max_length: int = 128
@@ -244,15 +261,24 @@ def validate(cfg) -> None:
         if d.task not in GLUE_TASKS:
             errors.append(f"data.task={d.task!r} is not one of: {', '.join(GLUE_TASKS)}")
     if d.source in ("files", "sft"):
-        for key in ("train_file", "eval_file"):
-            path = getattr(d, key)
+        given = [k for k in ("train_file", "hf_dataset", "mix") if d[k]]
+        if len(given) != 1:
+            errors.append(f"data.source={d.source} reads one of data.train_file, data.hf_dataset or data.mix"
+                          + (f"; {' and '.join('data.' + k for k in given)} are all set" if given else ": set one"))
+        files = [("data.train_file", d.train_file), ("data.eval_file", d.eval_file)]
+        for i, src in enumerate(d.mix):
+            files.append((f"data.mix[{i}].train_file", src.train_file))
+            if (src.train_file is None) == (src.hf_dataset is None):
+                errors.append(f"data.mix[{i}] needs one of train_file or hf_dataset")
+            if src.weight <= 0:
+                errors.append(f"data.mix[{i}].weight={src.weight} must be > 0")
+        for key, path in files:
             if path is None:
-                if key == "train_file":
-                    errors.append(f"data.train_file is required with data.source={d.source}")
-            elif not Path(path).is_file():
-                errors.append(f"data.{key}={path!r}: file not found")
+                continue
+            if not Path(path).is_file():
+                errors.append(f"{key}={path!r}: file not found")
             elif Path(path).suffix.lower() not in (".csv", ".json", ".jsonl", ".parquet"):
-                errors.append(f"data.{key}={path!r}: unsupported extension (use .csv, .jsonl, .json or .parquet)")
+                errors.append(f"{key}={path!r}: unsupported extension (use .csv, .jsonl, .json or .parquet)")
     if not 0 < d.eval_fraction < 1:
         errors.append(f"data.eval_fraction={d.eval_fraction} must be in (0, 1)")
     if d.source == "files" and not 1 <= len(d.text_columns) <= 2:

@@ -48,11 +48,9 @@ def load_splits(cfg) -> Splits:
         splits = _bbc_news(d.eval_size)
     elif d.source == "glue":
         splits = _glue(d.task)
-    elif d.source == "files":
-        splits = _files(d, task)
-    else:
-        train = _read_file(d.train_file, "data.train_file")
-        splits = Splits(train, _read_file(d.eval_file, "data.eval_file") if d.eval_file else None, (), None)
+    else:  # files | sft: local files, a hub dataset, or a weighted mix of them
+        train, ev = _train_rows(d), _eval_rows(d)
+        splits = _files(train, ev, d, task) if d.source == "files" else Splits(train, ev, (), None)
     if splits.eval is None:
         splits = _hold_out(splits, d, "label" if task == "seq_cls" else None)
     if task == "causal_lm":
@@ -79,10 +77,10 @@ def _hold_out(splits: Splits, d, stratify: str | None) -> Splits:
     try:
         parts = train.train_test_split(test_size=d.eval_fraction, seed=SPLIT_SEED, stratify_by_column=stratify)
     except ValueError as e:  # too few rows, or a class too small to appear on both sides
-        raise UserError(f"data.train_file={d.train_file!r}: can't hold out data.eval_fraction={d.eval_fraction} of "
+        raise UserError(f"{_where(d)}: can't hold out data.eval_fraction={d.eval_fraction} of "
                         f"{len(train)} rows ({str(e).splitlines()[0][:160]}); pass data.eval_file") from None
     log.info("no data.eval_file: held out %d of %d rows of %s as the eval split (data.eval_fraction=%g%s)",
-             len(parts["test"]), len(train), d.train_file, d.eval_fraction, ", stratified by label" if stratify else "")
+             len(parts["test"]), len(train), "data.mix" if d.mix else _where(d), d.eval_fraction, ", stratified by label" if stratify else "")
     return Splits(parts["train"], parts["test"], splits.text_columns, splits.labels)
 
 
@@ -120,6 +118,61 @@ def _glue(task: str) -> Splits:
     return Splits(ds["train"], ds[eval_split], columns, labels)
 
 
+def _where(src, split: str = "train") -> str:
+    """How an error names a source: the config key and its value."""
+    if src.hf_dataset:
+        return f"data.hf_dataset={src.hf_dataset!r} (split {src.hf_eval_split if split == 'eval' else src.hf_split!r})"
+    return f"data.{split}_file={getattr(src, f'{split}_file')!r}"
+
+
+def _train_rows(d):
+    """The training rows: one source, or data.mix's sources interleaved by weight (SFT sources are turned into
+    `messages` first, so a mix may combine formats)."""
+    if not d.mix:
+        return _hub(d, d.hf_split) if d.hf_dataset else _read_file(d.train_file, "data.train_file")
+    from datasets import interleave_datasets
+
+    parts = []
+    for i, src in enumerate(d.mix):
+        ds = _hub(src, src.hf_split, f"data.mix[{i}]") if src.hf_dataset else _read_file(src.train_file, f"data.mix[{i}].train_file")
+        if d.source == "sft":
+            fmt = sft_format(ds.column_names, d.format, f"data.mix[{i}]")
+            ds = ds.map(lambda r: {"messages": conversation(r, fmt)}, remove_columns=ds.column_names)
+        parts.append(ds)
+    total = sum(src.weight for src in d.mix)
+    try:
+        mixed = interleave_datasets(parts, probabilities=[src.weight / total for src in d.mix], seed=SPLIT_SEED,
+                                    stopping_strategy=MIX_STOPPING[d.mix_strategy])
+    except ValueError as e:  # e.g. sources whose columns differ
+        raise UserError(f"data.mix: the sources can't be interleaved ({str(e).splitlines()[0][:200]}); give them "
+                        "the same columns") from None
+    log.info("data.mix: %d rows from %s (weights %s, %s-sampled)", len(mixed), " + ".join(str(len(p)) for p in parts),
+             [src.weight for src in d.mix], d.mix_strategy)
+    return mixed
+
+
+MIX_STOPPING = {"over": "all_exhausted", "under": "first_exhausted"}  # LLaMA-Factory's interleave_over / _under
+
+
+def _eval_rows(d):
+    if d.hf_dataset and d.hf_eval_split:
+        return _hub(d, d.hf_eval_split)
+    return _read_file(d.eval_file, "data.eval_file") if d.eval_file else None
+
+
+def _hub(src, split: str, key: str = "data"):
+    """A dataset on the Hugging Face hub (or a local dataset dir) through datasets.load_dataset."""
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(src.hf_dataset, src.hf_subset, split=split)
+    except Exception as e:  # offline: ConnectionError / OSError / datasets' own errors, depending on the cache state
+        raise UserError(f"{key}.hf_dataset={src.hf_dataset!r} (subset {src.hf_subset!r}, split {split!r}) could not be "
+                        f"loaded ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}). Offline? "
+                        "Save it with dataset.to_json('train.jsonl') where the hub is reachable and set "
+                        "data.train_file=train.jsonl") from None
+
+
 def _read_file(path: str, key: str):
     from datasets import load_dataset
 
@@ -139,29 +192,28 @@ def _read_file(path: str, key: str):
     return ds
 
 
-def _files(d, task: str) -> Splits:
-    train = _read_file(d.train_file, "data.train_file")
-    ev = _read_file(d.eval_file, "data.eval_file") if d.eval_file else None
+def _files(train, ev, d, task: str) -> Splits:
     needed = list(d.text_columns) + ([d.label_column] if task == "seq_cls" else [])
-    for ds, key in ((train, "data.train_file"), (ev, "data.eval_file")):
+    for ds, split in ((train, "train"), (ev, "eval")):
         missing = [c for c in needed if c not in ds.column_names] if ds is not None else []
         if missing:
             which = "data.label_column" if missing == [d.label_column] else "data.text_columns"
-            raise UserError(f"{key}={getattr(d, key.split('.')[1])!r} has no column {', '.join(map(repr, missing))} "
+            where = "data.mix" if d.mix and split == "train" else _where(d, split)
+            raise UserError(f"{where} has no column {', '.join(map(repr, missing))} "
                             f"(set {which}); its columns are: {', '.join(ds.column_names)}")
     if task == "causal_lm":
         return Splits(train, ev, tuple(d.text_columns), None)
     # The label set is read from the training data; ints keep numeric order, anything else sorts as text.
     values = sorted(set(train[d.label_column]), key=lambda v: (isinstance(v, str), v))
     if any(v is None for v in values):
-        raise UserError(f"data.train_file={d.train_file!r}: column {d.label_column!r} has empty labels")
+        raise UserError(f"{_where(d)}: column {d.label_column!r} has empty labels")
     if len(values) < 2:
-        raise UserError(f"data.train_file={d.train_file!r}: column {d.label_column!r} holds one label ({values[0]!r}); "
+        raise UserError(f"{_where(d)}: column {d.label_column!r} holds one label ({values[0]!r}); "
                         "classification needs at least two (is data.label_column the right column?)")
     index = {v: i for i, v in enumerate(values)}
     unknown = sorted({str(v) for v in ev[d.label_column]} - {str(v) for v in values}) if ev is not None else []
     if unknown:
-        raise UserError(f"data.eval_file={d.eval_file!r}: labels {unknown[:5]} are not in the training label set "
+        raise UserError(f"{_where(d, 'eval')}: labels {unknown[:5]} are not in the training label set "
                         f"{[str(v) for v in values][:20]}")
     # Into a fresh column: mapping onto an existing string `label` column would keep its string dtype.
     relabel = lambda ds: ds.map(lambda r: {"_label_id": index[r[d.label_column]]},

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from conftest import compose
 
+import json
+
 import pytest
 
 from lorafit.data import _encode_sft, collate, load_splits, sft_format, tokenize
@@ -147,3 +149,39 @@ def test_sft_without_an_eval_file_holds_out_rows(write_jsonl):
                    "data.eval_fraction=0.1")
     with pytest.raises(UserError, match="can't hold out data.eval_fraction=0.1 of 1 rows.*pass data.eval_file"):
         load_splits(tiny)
+
+
+def test_hub_dataset_by_name_loads_through_datasets(tmp_path):
+    """data.hf_dataset goes through datasets.load_dataset: a local dataset dir here; offline, a hub id fails in one
+    line that says what to do."""
+    repo = tmp_path / "org_news"
+    repo.mkdir()
+    for split, n in (("train", 40), ("test", 10)):
+        (repo / f"{split}.jsonl").write_text("".join(json.dumps({"instruction": f"Sum {i}", "output": str(i)}) + "\n"
+                                                     for i in range(n)))
+    cfg = compose("model=tiny-llama", "data=sft", f"data.hf_dataset={repo}", "data.hf_eval_split=test")
+    splits = load_splits(cfg)
+    assert (len(splits.train), len(splits.eval)) == (40, 10)
+    assert len(load_splits(compose("model=tiny-llama", "data=sft", f"data.hf_dataset={repo}")).eval) == 4  # held out
+    train, _ = tokenize(splits, build_tokenizer(cfg.model), cfg)  # alpaca, detected
+    assert len(train) == 40
+    with pytest.raises(UserError, match="data.hf_dataset='someorg/missing-set' .* could not be loaded .* Offline\\? Save it"):
+        load_splits(compose("model=tiny-llama", "data=sft", "data.hf_dataset=someorg/missing-set"))
+
+
+def test_mix_interleaves_sources_of_different_formats_by_weight(write_jsonl):
+    alpaca = write_jsonl("a.jsonl", [{"instruction": f"a{i}", "output": f"A{i}"} for i in range(60)])
+    sharegpt = write_jsonl("s.jsonl", [{"conversations": [{"from": "human", "value": f"s{i}"}, {"from": "gpt", "value": f"S{i}"}]}
+                                       for i in range(10)])
+    mix = f"data.mix=[{{train_file: {alpaca}, weight: 3}}, {{train_file: {sharegpt}, weight: 1}}]"
+    splits = load_splits(compose("model=tiny-llama", "data=sft", mix, "data.eval_fraction=0.1"))
+    rows = list(splits.train) + list(splits.eval)
+    assert all(set(r) == {"messages"} for r in rows)  # every source as messages
+    firsts = [r["messages"][0]["content"] for r in rows]
+    assert set(firsts) >= {f"a{i}" for i in range(60)} | {f"s{i}" for i in range(10)}  # over: every row is used
+    share = sum(f.startswith("s") for f in firsts) / len(firsts)
+    assert 0.18 < share < 0.32  # sampled at weight 1 / (3 + 1), small source repeated
+    under = load_splits(compose("model=tiny-llama", "data=sft", mix, "data.mix_strategy=under", "data.eval_fraction=0.1"))
+    assert len(under.train) + len(under.eval) < 60  # stops when the small source runs out
+    with pytest.raises(UserError, match="data.mix has no column 'text'"):
+        load_splits(compose("model=tiny-bert", "data=files", f"data.mix=[{{train_file: {alpaca}}}]"))
