@@ -375,11 +375,10 @@ def collate(rows: list[dict], pad_id: int, pack: bool = False) -> dict[str, torc
     at 0 for each and no attention_mask: transformers then keeps attention inside each row (a block-diagonal causal
     mask with sdpa/eager, varlen kernels with flash attention), so the loss equals the padded batch's.
     """
-    if pack:
-        labels = [[-100] + r["labels"][1:] for r in rows]  # a row's first token is no target of the previous row's last
-        return {"input_ids": torch.tensor([sum((r["input_ids"] for r in rows), [])]),
-                "position_ids": torch.tensor([sum((list(range(len(r["input_ids"]))) for r in rows), [])]),
-                "labels": torch.tensor([sum(labels, [])])}
+    if pack:  # each row's first label becomes -100: it is no target of the previous row's last token
+        from transformers import DataCollatorWithFlattening
+
+        return DataCollatorWithFlattening(return_tensors="pt")([{k: r[k] for k in ("input_ids", "labels")} for r in rows])
     width = max(len(r["input_ids"]) for r in rows)
     batch = {}
     for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("token_type_ids", 0), ("labels", -100)):

@@ -232,18 +232,16 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
 def epoch_order(n: int, batch: int, seed: int, lengths: list[int] | None = None) -> list[int]:
     """This epoch's sample order: a permutation from (seed, epoch) alone, so a resumed run can recompute it.
 
-    With lengths, rows are grouped by length as HF's LengthGroupedSampler does: shuffle, sort each mega-batch of
-    50 batches by length, cut into batches, shuffle the batches. Partial batches are dropped so every batch of the
-    (drop_last) loader is one of these groups.
+    With lengths, rows are grouped by length by HF's own `get_length_grouped_indices` (LengthGroupedSampler's order:
+    mega-batches of up to 50 batches sorted by length, the longest batch first). A mega-batch is a whole number of
+    batches, so every batch of the (drop_last) loader is one of its groups.
     """
     g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n, generator=g).tolist()
     if lengths is None:
-        return perm
-    mega = batch * 50
-    chunks = [sorted(perm[i : i + mega], key=lambda j: -lengths[j]) for i in range(0, n, mega)]
-    batches = [c[i : i + batch] for c in chunks for i in range(0, len(c), batch) if len(c[i : i + batch]) == batch]
-    return [j for b in torch.randperm(len(batches), generator=g).tolist() for j in batches[b]]
+        return torch.randperm(n, generator=g).tolist()
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    return get_length_grouped_indices(lengths, batch, generator=g)
 
 
 class MetricsLog:
