@@ -20,6 +20,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compare", nargs="+", default=[], metavar="ADAPTER", help="adapters to compare subspaces with (φ)")
     p.add_argument("--out", help="output dir")
     p.add_argument("--energy", type=float, default=0.9, help="energy target of the rank advisor (default 0.9)")
+    p.add_argument("--intruder-k", type=int, default=10, help="with --base: top-k directions checked for intruders (10)")
+    p.add_argument("--intruder-eps", type=float, default=0.5, help="with --base: |cos| below which one is an intruder (0.5)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin (a pickle: only if you trust it)")
     return p.parse_args(argv)
@@ -31,10 +33,13 @@ def main(argv=None) -> Path:
     from lorafit.analysis.report import analyze, summary_line, write
     from lorafit.analysis.spectrum import read_adapter
     from lorafit.errors import UserError
+    from lorafit.models import cache_dir
 
     args = parse_args(argv)
     if not 0 < args.energy <= 1:
         raise UserError(f"--energy={args.energy} must be in (0, 1]")
+    if args.intruder_k < 1 or not 0 < args.intruder_eps < 1:
+        raise UserError(f"--intruder-k={args.intruder_k} must be >= 1 and --intruder-eps={args.intruder_eps} in (0, 1)")
     path = Path(args.path)
     config, state = read_adapter(path, allow_pickle=args.allow_pickle)
     compare = {}
@@ -42,12 +47,17 @@ def main(argv=None) -> Path:
         label = Path(other).name if Path(other).name != "adapter" else Path(other).parent.name
         compare[label] = read_adapter(other, allow_pickle=args.allow_pickle)
     base = base_weights.from_dir(args.base, config.get("fan_in_fan_out", False)) if args.base else None
-    doc = analyze(config, state, args.energy, base=base, compare=compare)
+    doc = analyze(config, state, args.energy, base=base, compare=compare, intruders=(args.intruder_k, args.intruder_eps),
+                  svd_cache=cache_dir() / "base_svd")  # W0's singular vectors, reused for every adapter on this base
     out = Path(args.out) if args.out else (path / "analysis" if (path / "adapter").is_dir() else path.parent / f"analysis-{path.name}")
     files = write(doc, out, plots=not args.no_plots)
     print(summary_line(doc))
     if doc["advice"]:
         print(f"advice: {doc['advice']['override']}")
+    if doc.get("intruders"):
+        it = doc["intruders"]
+        print(f"intruder dimensions: {it['total']} in {it['modules_with_intruders']} of {it['modules']} modules "
+              f"(top {it['k']}, |cos| < {it['eps']})")
     print(f"wrote {len(files)} files to {out}")
     return out
 

@@ -143,6 +143,8 @@ class TrainConfig:
 class EvalConfig:
     generate: int = 0  # causal-LM SFT: generate replies for the first N eval rows at every evaluation; 0 = off
     max_new_tokens: int = 64  # per generated reply (greedy)
+    forgetting_file: Optional[str] = None  # causal LM: general text (.txt, or a file with a `text` column, or bbc_news)
+    forgetting_rows: int = 64  # its first N paragraphs / rows, each cut at data.max_length tokens
 
 
 @dataclass
@@ -249,6 +251,15 @@ def validate(cfg) -> None:
     if cfg.eval.generate < 0 or cfg.eval.max_new_tokens <= 0:
         errors.append(f"eval.generate={cfg.eval.generate} must be >= 0 and eval.max_new_tokens="
                       f"{cfg.eval.max_new_tokens} > 0")
+    if cfg.eval.forgetting_file is not None:
+        f = cfg.eval.forgetting_file
+        if m.task != "causal_lm":
+            errors.append(f"eval.forgetting_file measures a causal LM's loss on general text; model.task is {m.task}")
+        if f != "bbc_news" and not Path(f).is_file():
+            errors.append(f"eval.forgetting_file={f!r}: file not found (a .txt, .jsonl/.csv/.parquet with a 'text' "
+                          "column, or bbc_news)")
+        if cfg.eval.forgetting_rows <= 0:
+            errors.append(f"eval.forgetting_rows={cfg.eval.forgetting_rows} must be > 0")
     if cfg.eval.generate and d.source != "sft":
         errors.append(f"eval.generate={cfg.eval.generate} scores replies against the reference ones of SFT data: "
                       f"it needs data=sft (data.source is {d.source}); set eval.generate=0")

@@ -104,7 +104,7 @@ def generation_eval(rows: list[dict], tokenizer, cfg, accelerator, run_dir: Path
         if not accelerator.is_main_process:
             return {}
         with accelerator.autocast():  # the precision evaluation runs in
-            outputs = generate(model, tokenizer, prompts, cfg.eval.max_new_tokens)
+            outputs = generate(accelerator.unwrap_model(model), tokenizer, prompts, cfg.eval.max_new_tokens)
         samples = [{"step": step, "prompt": p, "reference": r["reference"], "output": o}
                    for p, r, o in zip(prompts, rows, outputs)]
         with (run_dir / "generations.jsonl").open("a") as f:

@@ -111,7 +111,7 @@ def run(cfg, run_dir: Path | None = None) -> float:
     from accelerate.utils import set_seed
 
     from lorafit import adapters, data, hooks, metrics, models
-    from lorafit.train import MetricsLog, train
+    from lorafit.train import MetricsLog, forgetting_eval, train
 
     t_start = time.perf_counter()
     _quiet_libraries()
@@ -145,13 +145,15 @@ def run(cfg, run_dir: Path | None = None) -> float:
         if cfg.logging.backend == "wandb" and accelerator.is_main_process:
             wandb.update(_wandb_resume(run_dir, cfg.train.resume))
         accelerator.init_trackers(cfg.logging.project, config=tracker_config, init_kwargs={"wandb": wandb})
-    generations = None
+    extra_evals = []
     if cfg.eval.generate:
         from lorafit.generate import generation_eval
 
-        generations = generation_eval(data.generation_rows(splits.eval, cfg), tokenizer, cfg, accelerator, run_dir)
+        extra_evals.append(generation_eval(data.generation_rows(splits.eval, cfg), tokenizer, cfg, accelerator, run_dir))
+    if cfg.eval.forgetting_file:
+        extra_evals.append(forgetting_eval(data.general_text(cfg, tokenizer), tokenizer.pad_token_id, cfg, accelerator))
     result = train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir,
-                   MetricsLog(run_dir / "metrics.jsonl", accelerator), generations)
+                   MetricsLog(run_dir / "metrics.jsonl", accelerator), extra_evals)
 
     metric = metrics.primary_metric(cfg)
     summary = {

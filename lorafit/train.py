@@ -115,8 +115,9 @@ def evaluate(model, batches, cfg, accelerator) -> dict:
     return {**out, "n": len(res)}  # rows evaluated: each exactly once, however many processes
 
 
-def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, log, generations=None) -> TrainResult:
-    """`generations(model, step) -> dict`, if given, adds generation scores to every evaluation (eval.generate)."""
+def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, log, extra_evals=()) -> TrainResult:
+    """Each of `extra_evals`, a function (model, step) -> dict, adds its scores to every evaluation (eval.generate,
+    eval.forgetting_file)."""
     t, task, pad_id, nproc = cfg.train, cfg.model.task, tokenizer.pad_token_id, accelerator.num_processes
     per_epoch = len(train_ds) // (t.batch_size * nproc)  # micro-batches per process per epoch (drop_last)
     if per_epoch == 0:
@@ -199,8 +200,8 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
         if (t.eval_every and step % t.eval_every == 0) or step == total:
             t_eval = time.perf_counter()
             res.eval = evaluate(model, eval_loader, cfg, accelerator)
-            if generations is not None:
-                res.eval.update(generations(accelerator.unwrap_model(model), step))
+            for extra in extra_evals:
+                res.eval.update(extra(model, step))
             res.eval_s += time.perf_counter() - t_eval
             log.write(step, {f"eval/{k}": v for k, v in res.eval.items()})
             bar.write(f"step {step}: " + "  ".join(f"eval/{k}={v:.4f}" if isinstance(v, float) else f"eval/{k}={v}"
@@ -242,6 +243,23 @@ def epoch_order(n: int, batch: int, seed: int, lengths: list[int] | None = None)
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
     return get_length_grouped_indices(lengths, batch, generator=g)
+
+
+def forgetting_eval(ds, pad_id: int, cfg, accelerator):
+    """eval.forgetting_file: a function (model, step) -> the LM loss on general text with the adapter, the base
+    model's loss (adapter disabled, measured once), and their difference: what fine-tuning cost elsewhere (PEFT's
+    method-comparison benchmark reports the same)."""
+    batches = loader(ds, cfg.train.eval_batch_size, list(range(len(ds))), pad_id, accelerator, False)
+    base: list[float] = []  # measured at the first evaluation, once the model is on its device
+
+    def score(model, step: int) -> dict:
+        if not base:
+            with accelerator.unwrap_model(model).disable_adapter():
+                base.append(evaluate(model, batches, cfg, accelerator)["loss"])
+        loss = evaluate(model, batches, cfg, accelerator)["loss"]
+        return {"forgetting_loss": loss, "forgetting_base_loss": base[0], "forgetting": loss - base[0]}
+
+    return score
 
 
 class MetricsLog:

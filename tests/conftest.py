@@ -13,6 +13,13 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub id fails fast instead of hanging
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+
+# rouge-score imports absl.logging, whose handler keeps the sys.stderr of the moment it was made (here pytest's
+# capture stream) and closes it when Hydra's in-process logging setup closes all handlers: later tests then fail on
+# a closed file. Point it at the real stderr, which absl never closes.
+import absl.logging  # noqa: E402
+
+absl.logging.get_absl_handler().python_handler.stream = sys.__stderr__
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent

@@ -47,3 +47,44 @@ def test_generation_eval_needs_sft_data():
 
     with pytest.raises(UserError, match="eval.generate=2 scores replies .* it needs data=sft"):
         validate(compose("model=tiny-llama", "eval.generate=2"))
+
+
+def test_forgetting_is_the_loss_on_general_text_after_minus_before(tmp_path, write_jsonl):
+    """eval.forgetting_file: the base's loss (adapter off) and the adapter's, at every evaluation; training hard on
+    one reply raises the loss on unrelated text."""
+    general = tmp_path / "general.txt"
+    general.write_text("\n\n".join(["Shares in the bank rose after profits beat forecasts for the third quarter.",
+                                    "The striker scored twice in the final and the fans cheered.",
+                                    "A new phone chip promises longer battery life and faster apps."] * 4))
+    rows = [{"prompt": "Say hello.", "response": "hello there friend"}] * 40
+    run_dir, summary = run_inprocess(tmp_path, *SFT, f"data.train_file={write_jsonl('t.jsonl', rows)}",
+                                     "train.max_steps=20", "train.eval_every=10", f"eval.forgetting_file={general}")
+    evals = [l for l in metrics_lines(run_dir) if "eval/forgetting" in l]
+    assert [l["step"] for l in evals] == [10, 20]
+    assert evals[0]["eval/forgetting_base_loss"] == evals[1]["eval/forgetting_base_loss"]  # measured once
+    e = summary["eval"]
+    assert e["forgetting"] == pytest.approx(e["forgetting_loss"] - e["forgetting_base_loss"]) and e["forgetting"] > 0.01
+
+    # the base loss is the untrained model's loss on the same text
+    import math
+
+    from lorafit import data
+    from lorafit.models import build_model, build_tokenizer
+    from lorafit.train import loss_sum
+
+    cfg = compose(*SFT, f"eval.forgetting_file={general}", "data.train_file=x.jsonl")
+    tok = build_tokenizer(cfg.model)
+    ds = data.general_text(cfg, tok)
+    assert len(ds) == 12
+    batch = data.collate([ds[i] for i in range(len(ds))], tok.pad_token_id)
+    total, n = loss_sum(build_model(cfg).eval(), batch, "causal_lm")
+    assert math.isclose(float(total.sum() / n.sum()), e["forgetting_base_loss"], rel_tol=1e-4)
+
+
+def test_forgetting_file_errors_name_the_key(tmp_path):
+    from lorafit.config import validate
+
+    with pytest.raises(UserError, match="eval.forgetting_file='nope.txt': file not found"):
+        validate(compose("model=tiny-llama", "data=files", "eval.forgetting_file=nope.txt", "data.train_file=README.md"))
+    with pytest.raises(UserError, match="eval.forgetting_file measures a causal LM's loss"):
+        validate(compose("model=tiny-bert", "eval.forgetting_file=bbc_news"))

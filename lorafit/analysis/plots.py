@@ -110,7 +110,28 @@ def phi(doc: dict, out_dir: Path) -> list[Path]:
     return paths
 
 
+def intruder_profile(doc: dict, path: Path) -> Path | None:
+    """Max |cos| of each of the top-k singular vectors of W0 + ΔW against W0's (median and range over modules):
+    below the eps line a direction is an intruder."""
+    ms = [m for m in doc["modules"] if "intruders" in m]
+    if not ms:
+        return None
+    plt = plt_agg()
+    cos = _padded([m["intruders"]["max_cos"] for m in ms])
+    x = np.arange(1, cos.shape[1] + 1)
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.fill_between(x, np.nanmin(cos, 0), np.nanmax(cos, 0), alpha=0.25, label="min-max over modules")
+    ax.plot(x, np.nanmedian(cos, 0), marker="o", ms=3, label="median")
+    ax.axhline(doc["intruders"]["eps"], color="red", ls="--", lw=1, label=f"eps = {doc['intruders']['eps']}")
+    ax.set(xlabel="singular vector i of W0 + ΔW", ylabel="max |cos| with W0's", ylim=(0, 1.02),
+           title=f"Intruder dimensions: {doc['intruders']['total']} in {doc['intruders']['modules']} modules")
+    ax.legend(fontsize=8)
+    return save(fig, path)
+
+
 def all_plots(doc: dict, out_dir: Path) -> list[Path]:
     paths = [decay(doc, out_dir / "singular_values.png"), energy(doc, out_dir / "cumulative_energy.png"),
-             heatmap(doc, out_dir / "effective_rank.png")]
+             heatmap(doc, out_dir / "effective_rank.png"), intruder_profile(doc, out_dir / "intruders.png")]
+    if doc.get("intruders"):
+        paths.append(heatmap(doc, out_dir / "intruder_count.png", key="intruder_count"))
     return [p for p in paths if p is not None] + phi(doc, out_dir)

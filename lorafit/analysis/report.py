@@ -28,12 +28,15 @@ from tqdm.auto import tqdm
 from lorafit.errors import UserError
 from lorafit.metrics import mean
 
-from lorafit.analysis.spectrum import (base_metrics, dora_delta, energy_rank, layer_index, lora_factors, lowrank_svd,
-                                       module_type, spectrum_metrics, subspace_similarity)
+from lorafit.analysis.spectrum import (INTRUDER_EPS, INTRUDER_K, base_metrics, dora_delta, energy_rank, intruder_dimensions,
+                                       layer_index, lora_factors, lowrank_svd, module_type, spectrum_metrics,
+                                       subspace_similarity)
 
 
-def analyze(config: dict, state: dict, energy: float = 0.9, base=None, compare: dict | None = None) -> dict:
-    """The spectrum document for one adapter. `base`: name -> W0 (see analysis.base); `compare`: {label: (config, state)}."""
+def analyze(config: dict, state: dict, energy: float = 0.9, base=None, compare: dict | None = None,
+            intruders: tuple[int, float] | None = (INTRUDER_K, INTRUDER_EPS), svd_cache: Path | None = None) -> dict:
+    """The spectrum document for one adapter. `base`: name -> W0 (see analysis.base); `compare`: {label: (config, state)};
+    `intruders`: (top k, eps) of the intruder-dimension count, with a base (None: skip it)."""
     factors, skipped = lora_factors(config, state)
     others = {label: {f.name: f for f in lora_factors(c, s)[0]} for label, (c, s) in (compare or {}).items()}
     for label, theirs in others.items():
@@ -54,6 +57,10 @@ def analyze(config: dict, state: dict, energy: float = 0.9, base=None, compare: 
         entry.update(singular_values=S.tolist(), **spectrum_metrics(S), suggested_rank=max(1, energy_rank(S, energy)))
         if W0 is not None and tuple(W0.shape) == f.shape:
             entry["base"] = base_metrics(W0, entry["fro_norm"], U, V)
+            if intruders is not None:
+                delta = dora_delta(f, W0) if f.magnitude is not None else f.scale * (f.B.double() @ f.A.double())
+                entry["intruders"] = intruder_dimensions(W0, delta, *intruders, cache=svd_cache)
+                entry["intruder_count"] = entry["intruders"]["count"]
         elif W0 is not None:
             skipped.append({"name": f.name, "reason": f"base weight shape {tuple(W0.shape)} != ΔW shape {f.shape}"})
         for label, theirs in others.items():
@@ -70,6 +77,11 @@ def analyze(config: dict, state: dict, energy: float = 0.9, base=None, compare: 
         "modules": modules, "skipped": skipped,
     }
     doc["advice"] = advise(modules, energy)
+    counted = [m["intruder_count"] for m in modules if "intruder_count" in m]
+    if counted:
+        doc["intruders"] = {"k": intruders[0], "eps": intruders[1], "modules": len(counted),
+                            "modules_with_intruders": sum(c > 0 for c in counted), "total": sum(counted),
+                            "mean_per_module": sum(counted) / len(counted)}
     return doc
 
 
@@ -156,6 +168,20 @@ def markdown(doc: dict, images: list[str]) -> str:
         lines += ["", "With the base weights: ‖UᵀW0V‖_F projects W0 on ΔW's top-r singular directions (LoRA paper §7). "
                   "If it is much smaller than for W0's own top directions and close to random ones, ΔW amplifies directions "
                   "W0 does not emphasise; *amplification* = ‖ΔW‖_F / ‖UᵀW0V‖_F."]
+    if doc.get("intruders"):
+        it = doc["intruders"]
+        lines += ["", "## Intruder dimensions", "",
+                  f"{it['modules_with_intruders']} of {it['modules']} modules have intruder dimensions ({it['total']} in all, "
+                  f"{it['mean_per_module']:.2f} per module): among the top {it['k']} left singular vectors of W0 + ΔW, "
+                  f"directions whose |cos| with every singular vector of W0 stays below {it['eps']} (Shuttleworth et al. "
+                  "2024: LoRA adds them, full fine-tuning mostly does not, and they go with forgetting). "
+                  "`python -m lorafit.shrink --intruders LAMBDA` dampens them through peft.", "",
+                  "| module | intruders | at positions | their σ | max cos of the top k |", "| --- | ---: | --- | --- | --- |"]
+        for m in ms:
+            if m.get("intruder_count"):
+                i = m["intruders"]
+                lines.append(f"| {m['name']} | {i['count']} | {i['positions']} | {', '.join(f'{x:.3g}' for x in i['sigma'])} | "
+                             f"{', '.join(f'{c:.2f}' for c in i['max_cos'])} |")
     if doc["skipped"]:
         lines += ["", "## Skipped", ""] + [f"- {s['name']}: {s['reason']}" for s in doc["skipped"]]
     if any("phi" in m for m in ms):
