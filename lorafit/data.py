@@ -136,8 +136,8 @@ def _train_rows(d):
     for i, src in enumerate(d.mix):
         ds = _hub(src, src.hf_split, f"data.mix[{i}]") if src.hf_dataset else _read_file(src.train_file, f"data.mix[{i}].train_file")
         if d.source == "sft":
-            fmt = sft_format(ds.column_names, d.format, f"data.mix[{i}]")
-            ds = ds.map(lambda r: {"messages": conversation(r, fmt)}, remove_columns=ds.column_names)
+            formats = sft_format(ds.column_names, d.format, f"data.mix[{i}]")
+            ds = ds.map(lambda r: {"messages": conversation(r, formats)}, remove_columns=ds.column_names)
         parts.append(ds)
     total = sum(src.weight for src in d.mix)
     try:
@@ -228,8 +228,8 @@ def tokenize(splits: Splits, tokenizer, cfg) -> tuple:
     for name in ("train", "eval"):
         ds = getattr(splits, name)
         if cfg.data.source == "sft":
-            fmt = sft_format(ds.column_names, cfg.data.format, f"the {name} split")
-            encode = lambda batch: _encode_sft(batch, tokenizer, max_len, fmt)
+            formats = sft_format(ds.column_names, cfg.data.format, f"the {name} split")
+            encode = lambda batch: _encode_sft(batch, tokenizer, max_len, formats)
         else:
             encode = lambda batch: _encode_text(batch, splits.text_columns, tokenizer, max_len, task)
         enc = ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenize {name}")
@@ -269,26 +269,29 @@ SFT_FORMATS = {"messages": ("messages",), "sharegpt": ("conversations",), "alpac
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-def sft_format(columns: list[str], wanted: str, key: str) -> str:
-    """The SFT format of a dataset with these columns: data.format, or detected from the columns (auto)."""
+def sft_format(columns: list[str], wanted: str, key: str) -> tuple[str, ...]:
+    """The SFT formats a dataset with these columns may hold: data.format, or (auto) every format whose fields are
+    columns, tried in order row by row, so a jsonl may mix prompt/response rows with messages rows."""
     if wanted != "auto":
         missing = [c for c in SFT_FORMATS[wanted] if c not in columns]
         if missing:
             raise UserError(f"{key}: data.format={wanted} needs the column(s) {missing}; its columns are: "
                             f"{', '.join(columns)}")
-        return wanted
-    for fmt, fields in SFT_FORMATS.items():
-        if all(c in columns for c in fields):
-            return fmt
-    raise UserError(f"{key}: no SFT format fits its columns ({', '.join(columns)}); expected one of "
-                    + "; ".join(f"{f} ({'+'.join(c)})" for f, c in SFT_FORMATS.items()) + ". Set data.format")
+        return (wanted,)
+    found = tuple(fmt for fmt, fields in SFT_FORMATS.items() if all(c in columns for c in fields))
+    if not found:
+        raise UserError(f"{key}: no SFT format fits its columns ({', '.join(columns)}); expected one of "
+                        + "; ".join(f"{f} ({'+'.join(c)})" for f, c in SFT_FORMATS.items()) + ". Set data.format")
+    return found
 
 
-def conversation(row: dict, fmt: str) -> list[dict]:
-    """One row of any SFT format as OpenAI-style turns: [{"role": system|user|assistant, "content": str}]."""
-    if any(row.get(c) is None for c in SFT_FORMATS[fmt]):  # a jsonl that mixes formats leaves the others' fields null
-        raise UserError(f"an SFT row has no {' / '.join(SFT_FORMATS[fmt])} (data.format={fmt}): "
-                        f"{json.dumps(row, default=str)[:120]}")
+def conversation(row: dict, formats: tuple[str, ...]) -> list[dict]:
+    """One row as OpenAI-style turns [{"role": system|user|assistant, "content": str}], read as the first of
+    `formats` whose fields the row fills (a file that mixes formats leaves the other formats' fields null)."""
+    fmt = next((f for f in formats if all(row.get(c) is not None for c in SFT_FORMATS[f])), None)
+    if fmt is None:
+        raise UserError(f"an SFT row has no {' or '.join('/'.join(SFT_FORMATS[f]) for f in formats)} "
+                        f"(data.format={'|'.join(formats)}): {json.dumps(row, default=str)[:120]}")
     if fmt == "messages":
         return [{"role": t["role"], "content": t["content"]} for t in row["messages"]]
     if fmt == "sharegpt":
@@ -305,33 +308,13 @@ def conversation(row: dict, fmt: str) -> list[dict]:
     return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
 
 
-def general_text(cfg, tokenizer):
-    """eval.forgetting_file as LM rows: paragraphs of a .txt (blank-line separated), the `text` column of a data
-    file, or `bbc_news` (held-out articles of the packaged BBC corpus); the first eval.forgetting_rows, each cut at
-    data.max_length tokens."""
-    from datasets import Dataset
-
-    path, n = cfg.eval.forgetting_file, cfg.eval.forgetting_rows
-    if path == "bbc_news":
-        texts = _bbc_news(cfg.data.eval_size).eval["text"][:n]
-    elif Path(path).suffix.lower() == ".txt":
-        texts = [p.strip() for p in Path(path).read_text(encoding="utf-8").split("\n\n") if p.strip()][:n]
-    else:
-        ds = _read_file(path, "eval.forgetting_file")
-        if "text" not in ds.column_names:
-            raise UserError(f"eval.forgetting_file={path!r} has no 'text' column; its columns are: {', '.join(ds.column_names)}")
-        texts = ds["text"][:n]
-    enc = _encode_text({"text": texts}, ("text",), tokenizer, cfg.data.max_length, "causal_lm")
-    return Dataset.from_dict({k: enc[k] for k in ("input_ids", "attention_mask", "labels")})
-
-
 def generation_rows(ds, cfg) -> list[dict]:
     """eval.generate: the first N eval rows as the prompt (the conversation before its last assistant turn) and
     the reference reply (that turn)."""
-    fmt = sft_format(ds.column_names, cfg.data.format, "the eval split")
+    formats = sft_format(ds.column_names, cfg.data.format, "the eval split")
     rows = []
     for row in ds.select(range(min(cfg.eval.generate, len(ds)))):
-        turns = conversation(row, fmt)
+        turns = conversation(row, formats)
         last = max((i for i, t in enumerate(turns) if t["role"] == "assistant"), default=None)
         if last is None:
             raise UserError(f"eval.generate: an eval row has no assistant reply to score against: {json.dumps(row)[:120]}")
@@ -370,12 +353,12 @@ def _sft_segments(turns: list[dict], tokenizer) -> list[tuple[str, bool]]:
     return pieces
 
 
-def _encode_sft(batch, tokenizer, max_len: int, fmt: str) -> dict:
+def _encode_sft(batch, tokenizer, max_len: int, formats: tuple[str, ...]) -> dict:
     rows = [dict(zip(batch, vals)) for vals in zip(*batch.values())]
     out = {"input_ids": [], "attention_mask": [], "labels": [], "truncated": [], "n_loss": []}
     for row in rows:
         ids, labels = [], []
-        for text, trains in _sft_segments(conversation(row, fmt), tokenizer):
+        for text, trains in _sft_segments(conversation(row, formats), tokenizer):
             piece = tokenizer(text, add_special_tokens=False)["input_ids"]
             ids += piece
             labels += piece if trains else [-100] * len(piece)

@@ -15,7 +15,7 @@ from lorafit.models import build_tokenizer
 
 def _sft_tokens(rows, tok):
     batch = {k: [r.get(k) for r in rows] for k in rows[0]}
-    return _encode_sft(batch, tok, max_len=256, fmt=sft_format(list(rows[0]), "auto", "rows"))
+    return _encode_sft(batch, tok, max_len=256, formats=sft_format(list(rows[0]), "auto", "rows"))
 
 
 def test_sft_loss_falls_on_response_tokens_only():
@@ -52,7 +52,7 @@ SAME_CHAT = {  # one conversation in each SFT format: all must give the tokens a
 @pytest.mark.parametrize("fmt", ["sharegpt", "alpaca"])
 def test_sft_formats_give_the_same_tokens_as_messages(fmt):
     tok = build_tokenizer(compose("model=tiny-llama").model)
-    assert sft_format(list(SAME_CHAT[fmt]), "auto", "rows") == fmt  # detected from the columns
+    assert sft_format(list(SAME_CHAT[fmt]), "auto", "rows") == (fmt,)  # detected from the columns
     assert _sft_tokens([SAME_CHAT[fmt]], tok) == _sft_tokens([SAME_CHAT["messages"]], tok)
     plain = {"prompt": "Add.\n\n2+2", "response": "4"}  # alpaca without system/input is prompt/response
     alpaca = {"instruction": "Add.\n\n2+2", "input": "", "output": "4"}
@@ -69,7 +69,7 @@ def test_sft_format_errors_name_the_columns(write_jsonl):
         _sft_tokens([{"conversations": [{"from": "bot", "value": "x"}]}], tok)
     cfg = compose("model=tiny-llama", "data=sft", "data.eval_fraction=0.5",
                   f"data.train_file={write_jsonl('t.jsonl', [{'prompt': 'q', 'response': 'a'}, {'messages': None}] * 4)}")
-    with pytest.raises(UserError, match="an SFT row has no messages .data.format=messages.: .\"prompt\": null"):  # a mixed file
+    with pytest.raises(UserError, match="an SFT row has no messages or prompt/response .data.format=messages.prompt_response."):
         tokenize(load_splits(cfg), tok, cfg)
 
 

@@ -195,9 +195,10 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
     run_dir, _ = run_inprocess(tmp_path, *args)
     run_inprocess(tmp_path, *args, "train.resume=auto")  # the same run dir, from its last checkpoint
     other, _ = run_inprocess(tmp_path / "other", *args)  # a new run: a new W&B run
-    ids = lambda d: sorted(p.name.rsplit("-", 1)[1] for p in (d / "wandb").glob("offline-run-*"))
+    runs = lambda d: [p.name for p in (d / "wandb").glob("offline-run-*")]  # offline-run-<time>-<id>[-<n>]
     run_id = (run_dir / "wandb_run_id").read_text()
-    assert ids(run_dir) == [run_id, run_id] and ids(other) != [run_id]
+    assert len(runs(run_dir)) == 2 and all(f"-{run_id}" in name for name in runs(run_dir))
+    assert len(runs(other)) == 1 and run_id not in runs(other)[0]
 
 
 def test_tensorboard_writes_events(tmp_path):
