@@ -308,6 +308,26 @@ def conversation(row: dict, formats: tuple[str, ...]) -> list[dict]:
     return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
 
 
+def general_text(cfg, tokenizer):
+    """eval.forgetting_file as LM rows: paragraphs of a .txt (blank-line separated), the `text` column of a data
+    file, or `bbc_news` (held-out articles of the packaged BBC corpus); the first eval.forgetting_rows, each cut at
+    data.max_length tokens."""
+    from datasets import Dataset
+
+    path, n = cfg.eval.forgetting_file, cfg.eval.forgetting_rows
+    if path == "bbc_news":
+        texts = _bbc_news(cfg.data.eval_size).eval["text"][:n]
+    elif Path(path).suffix.lower() == ".txt":
+        texts = [p.strip() for p in Path(path).read_text(encoding="utf-8").split("\n\n") if p.strip()][:n]
+    else:
+        ds = _read_file(path, "eval.forgetting_file")
+        if "text" not in ds.column_names:
+            raise UserError(f"eval.forgetting_file={path!r} has no 'text' column; its columns are: {', '.join(ds.column_names)}")
+        texts = ds["text"][:n]
+    enc = _encode_text({"text": texts}, ("text",), tokenizer, cfg.data.max_length, "causal_lm")
+    return Dataset.from_dict({k: enc[k] for k in ("input_ids", "attention_mask", "labels")})
+
+
 def generation_rows(ds, cfg) -> list[dict]:
     """eval.generate: the first N eval rows as the prompt (the conversation before its last assistant turn) and
     the reference reply (that turn)."""
