@@ -93,7 +93,10 @@ class DataConfig:
 @dataclass
 class LoraConfig:
     method: Method = Method.lora  # full (every parameter trains: the baseline a rank sweep is read against)
-    r: int = 8
+    r: Any = 8  # a positive integer, or auto: a short probe at r_max picks each module's rank (see run._auto_rank)
+    r_max: int = 32  # r=auto: the probe's rank
+    auto_energy: float = 0.9  # r=auto: each module gets the smallest rank holding this share of its ΔW's energy
+    auto_probe: float = 0.25  # r=auto: the probe's share of the run's steps
     alpha: float = 16.0
     dropout: float = 0.0  # 0 by default: dropout costs ~45% of a CPU step on MiniLM and did not help accuracy here
     target_modules: Any = field(default_factory=lambda: ["query", "value"])  # list of names, a regex, or "all-linear"
@@ -205,8 +208,15 @@ def validate(cfg) -> None:
     if cfg.hooks.spectrum is not None and not 0 < cfg.hooks.spectrum.energy <= 1:
         errors.append(f"hooks.spectrum.energy={cfg.hooks.spectrum.energy} must be in (0, 1]")
 
-    if lo.r <= 0:
-        errors.append(f"lora.r={lo.r} must be a positive integer")
+    r_ok = lo.r == "auto" or (isinstance(lo.r, int) and not isinstance(lo.r, bool) and lo.r > 0)
+    if not r_ok:
+        errors.append(f"lora.r={lo.r} must be a positive integer or auto")
+    if lo.r == "auto":
+        if lo.r_max <= 0 or not 0 < lo.auto_energy <= 1 or not 0 < lo.auto_probe < 1:
+            errors.append(f"lora.r=auto needs lora.r_max > 0 (is {lo.r_max}), lora.auto_energy in (0, 1] (is "
+                          f"{lo.auto_energy}) and lora.auto_probe in (0, 1) (is {lo.auto_probe})")
+        if lo.rank_pattern or lo.alpha_pattern or lo.method != "lora":
+            errors.append("lora.r=auto chooses lora.rank_pattern / alpha_pattern itself (LoRA only): leave them empty")
     if lo.alpha <= 0:
         errors.append(f"lora.alpha={lo.alpha} must be > 0")
     if not 0 <= lo.dropout < 1:
@@ -320,9 +330,11 @@ def validate(cfg) -> None:
         if m.task != "causal_lm" or load_config(m).model_type != "llama":
             errors.append(f"hooks.merge.gguf={cfg.hooks.merge.gguf} exports Llama-architecture causal LMs; "
                           f"{m.name} ({m.task}) is not one: set hooks.merge.gguf=null")
-    if lo.method == "lora":  # checks against the model's own modules, built on the meta device (no weights loaded)
+    if lo.method == "lora" and (lo.r == "auto" or isinstance(lo.r, int)):  # checks against the model's own modules, built on the meta device (no weights loaded)
         from lorafit.adapters import check_targets
 
-        errors += check_targets(cfg)
+        from omegaconf import OmegaConf
+
+        errors += check_targets(OmegaConf.merge(cfg, {"lora": {"r": lo.r_max}}) if lo.r == "auto" else cfg)
     if errors:
         raise UserError("invalid config:\n  - " + "\n  - ".join(errors))

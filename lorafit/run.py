@@ -9,7 +9,7 @@ import re
 import time
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from lorafit.config import validate
 from lorafit.errors import UserError
@@ -118,6 +118,9 @@ def run(cfg, run_dir: Path | None = None) -> float:
     validate(cfg)
     run_dir = Path(run_dir or _run_dir())
     run_dir.mkdir(parents=True, exist_ok=True)
+    auto_rank = None
+    if cfg.lora.r == "auto":
+        cfg, auto_rank = _auto_rank(cfg, run_dir)
     accelerator = _accelerator(cfg, run_dir)
     resolved = redact(OmegaConf.to_container(cfg, resolve=True))
     if accelerator.is_main_process:
@@ -168,7 +171,7 @@ def run(cfg, run_dir: Path | None = None) -> float:
         "best_step": result.best_step, "adapter_step": result.best_step if cfg.train.save_best else result.steps,
         "stopped_early": result.stopped_early,
         "skipped_steps": result.skipped_steps, "overflow_steps": result.overflow_steps,
-        "processes": accelerator.num_processes,
+        "processes": accelerator.num_processes, "auto_rank": auto_rank,
         "precision": PRECISION_NAMES[accelerator.mixed_precision], **_utilization(result, accelerator),
     }
     if accelerator.is_main_process:
@@ -182,6 +185,46 @@ def run(cfg, run_dir: Path | None = None) -> float:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result.eval.get(metric, float("nan"))
+
+
+def _auto_rank(cfg, run_dir: Path):
+    """lora.r=auto: a probe run at lora.r_max on lora.auto_probe of the steps (run_dir/probe, with its own analysis),
+    then each module at the rank advisor's rank for lora.auto_energy of its ΔW's energy. Every module keeps the
+    probe's scale lora.alpha / lora.r_max. The choice is kept in run_dir/auto_rank.json: a resumed run reuses it.
+    Returns (the config with those ranks, the record)."""
+    import math
+
+    lo, t, path = cfg.lora, cfg.train, run_dir / "auto_rank.json"
+    scale = lo.alpha / lo.r_max
+    if not path.is_file():
+        steps = {"max_steps": max(1, math.ceil(t.max_steps * lo.auto_probe))} if t.max_steps > 0 else \
+            {"epochs": t.epochs * lo.auto_probe}
+        probe = OmegaConf.merge(cfg, {
+            "lora": {"r": lo.r_max}, "train": {**steps, "eval_every": 0, "save_every": 0, "save_best": False,
+                                               "early_stopping_patience": 0, "resume": None},
+            "eval": {"generate": 0, "forgetting_file": None}, "logging": {"backend": "none"},
+            "hooks": {"save_adapter": {"dir": "adapter"}, "spectrum": {"energy": lo.auto_energy}, "merge": None}})
+        print(f"lora.r=auto: probe run at r={lo.r_max} ({steps}) in {run_dir / 'probe'}", flush=True)
+        t0 = time.perf_counter()
+        run(probe, run_dir / "probe")
+        advice = json.loads((run_dir / "probe" / "analysis" / "spectrum.json").read_text())["advice"]
+        probe_summary = json.loads((run_dir / "probe" / "summary.json").read_text())
+        record = {"r_max": lo.r_max, "energy": lo.auto_energy, "probe_steps": probe_summary["steps"],
+                  "probe_wall_s": time.perf_counter() - t0, "probe_eval": probe_summary["eval"],
+                  "global_r": advice["global_r"], "rank_pattern": advice["rank_pattern"],
+                  "params_probe": advice["params_now"], "params_chosen": advice["params_rank_pattern"],
+                  "report": str(run_dir / "probe" / "analysis" / "report.md")}
+        path.write_text(json.dumps(record, indent=1))
+    record = json.loads(path.read_text())
+    g, pattern = record["global_r"], record["rank_pattern"]
+    print(f"lora.r=auto: r={g}" + (f" with {len(pattern)} modules at other ranks" if pattern else "") +
+          f" ({record['params_chosen']:,} LoRA parameters for {record['energy']:.0%} of each ΔW's energy in the probe;"
+          f" {record['params_probe']:,} at r={record['r_max']})", flush=True)
+    chosen = OmegaConf.merge(cfg, {"lora": {"r": g, "alpha": scale * g}})
+    with open_dict(chosen):  # module names are new keys of the typed dicts
+        chosen.lora.rank_pattern = pattern
+        chosen.lora.alpha_pattern = {k: scale * v for k, v in pattern.items()}
+    return chosen, record
 
 
 PRECISION_NAMES = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}  # accelerate's mixed_precision -> what ran
