@@ -159,6 +159,7 @@ class SaveAdapterHook:
 class SpectrumHook:
     energy: float = 0.9  # energy target of the rank advisor
     plots: bool = True  # PNGs in analysis/ (and on the W&B / TensorBoard run)
+    intruders: bool = True  # intruder dimensions of W0 + ΔW (two SVDs per module; false skips them)
 
 
 @dataclass

@@ -44,7 +44,7 @@ def spectrum(ctx: RunContext) -> None:
     from peft.utils import get_peft_model_state_dict
 
     from lorafit.analysis import base, report
-    from lorafit.analysis.spectrum import read_adapter
+    from lorafit.analysis.spectrum import INTRUDER_EPS, INTRUDER_K, read_adapter
 
     hook = ctx.cfg.hooks.spectrum
     if ctx.cfg.lora.init in adapters.CONVERTED_INITS:
@@ -55,7 +55,8 @@ def spectrum(ctx: RunContext) -> None:
     else:
         config, state = ctx.model.peft_config["default"].to_dict(), get_peft_model_state_dict(ctx.model)
         weights = base.from_model(ctx.model, config.get("fan_in_fan_out", False))
-    doc = report.analyze(config, state, energy=hook.energy, base=weights)
+    doc = report.analyze(config, state, energy=hook.energy, base=weights,
+                         intruders=(INTRUDER_K, INTRUDER_EPS) if hook.intruders else None)
     files = report.write(doc, ctx.run_dir / "analysis", plots=hook.plots)
     ctx.summary["spectrum"] = {"dir": str(ctx.run_dir / "analysis"), "modules": len(doc["modules"]),
                                "mean_effective_rank": mean(m["effective_rank"] for m in doc["modules"]),

@@ -88,3 +88,15 @@ def test_analyze_cli_reports_intruders_with_a_base(tmp_path):
     assert f"intruder dimensions: {doc['intruders']['total']} in" in out.stdout
     assert "## Intruder dimensions" in (tmp_path / "an" / "report.md").read_text()
     assert (tmp_path / "an" / "intruders.png").is_file() and (tmp_path / "an" / "intruder_count.png").is_file()
+
+
+def test_the_spectrum_hook_counts_intruders_unless_told_not_to(tmp_path):
+    from conftest import TINY_CLS, run_inprocess
+
+    run_dir, summary = run_inprocess(tmp_path / "on", *TINY_CLS, "train.max_steps=5", "hooks=[spectrum]",
+                                     "hooks.spectrum.plots=false")
+    doc = json.loads((run_dir / "analysis" / "spectrum.json").read_text())
+    assert doc["intruders"]["modules"] == len(doc["modules"]) and all("intruder_count" in m for m in doc["modules"])
+    off, _ = run_inprocess(tmp_path / "off", *TINY_CLS, "train.max_steps=5", "hooks=[spectrum]",
+                           "hooks.spectrum.plots=false", "hooks.spectrum.intruders=false")
+    assert "intruders" not in json.loads((off / "analysis" / "spectrum.json").read_text())
