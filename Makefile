@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run launch test test-fast docker clean
+.PHONY: install run launch test test-fast gpu-check docker clean
 
 install: $(STAMP)
 
@@ -32,6 +32,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# On a CUDA machine: QLoRA/bf16 SFT on SmolLM2, packing, merges, accelerate launch, throughput vs the peer
+# (bench/gpu_check.py; ARGS=--dry-run checks the wiring anywhere).
+gpu-check: $(STAMP)
+	$(PY) bench/gpu_check.py $(ARGS)
 
 docker:
 	docker build -t lorafit:latest .

@@ -171,7 +171,7 @@ def run(cfg, run_dir: Path | None = None) -> float:
         "best_step": result.best_step, "adapter_step": result.best_step if cfg.train.save_best else result.steps,
         "stopped_early": result.stopped_early,
         "skipped_steps": result.skipped_steps, "overflow_steps": result.overflow_steps,
-        "processes": accelerator.num_processes, "auto_rank": auto_rank,
+        "processes": accelerator.num_processes, "auto_rank": auto_rank, "peak_memory": _peak_memory(accelerator),
         "precision": PRECISION_NAMES[accelerator.mixed_precision], **_utilization(result, accelerator),
     }
     if accelerator.is_main_process:
@@ -228,6 +228,18 @@ def _auto_rank(cfg, run_dir: Path):
 
 
 PRECISION_NAMES = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}  # accelerate's mixed_precision -> what ran
+
+
+def _peak_memory(accelerator) -> dict:
+    """Peak memory of this process: the GPU's allocator peak on CUDA, and the resident set size (RSS) in any case."""
+    import resource
+    import sys
+
+    import torch
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    gpu = torch.cuda.max_memory_allocated(accelerator.device) if accelerator.device.type == "cuda" else None
+    return {"rss_bytes": rss, "gpu_bytes": gpu}
 
 
 def _utilization(result, accelerator) -> dict:

@@ -17,6 +17,29 @@ def test_dockerfile_installs_the_makefile_requirement_files():
     assert re.search(r"^USER lorafit$", docker, re.M)  # not root
 
 
+def test_dockerfile_copies_what_exists_and_its_entrypoint_runs_the_cli():
+    """The image can't be built here (no container engine): check what can be checked without one, and that the
+    README says the image itself was not built."""
+    docker = (REPO / "Dockerfile").read_text()
+    for src in re.findall(r"^COPY (.+) \S+$", docker, re.M):
+        for path in src.split():
+            assert (REPO / path).exists(), f"Dockerfile copies {path}, which is not in the repo"
+    assert 'ENTRYPOINT ["python", "-m", "lorafit"]' in docker and (REPO / "lorafit" / "__main__.py").is_file()
+    assert "The image has not been built" in (REPO / "README.md").read_text()
+
+
+def test_gpu_check_dry_run_composes_every_step(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "bench/gpu_check.py", "--dry-run", "--out", str(tmp_path)], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    names = ["bf16_lora", "qlora_nf4", "packing_sdpa", "packing_flash", "accelerate_1gpu", "throughput"]
+    assert [l.split()[1] for l in out.stdout.splitlines() if l.startswith("ok ")] == names
+    assert "gpu-check:" in (REPO / "Makefile").read_text()
+
+
 def test_ci_runs_the_readme_test_command():
     readme, ci = (REPO / "README.md").read_text(), (REPO / ".ci" / "run").read_text()
     assert "make test" in readme and "make run" in readme
