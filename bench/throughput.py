@@ -1,7 +1,8 @@
 """Benchmark: lorafit vs a plain HF Trainer + PEFT script on the same job, side by side, alternating runs.
 
 Jobs
-  a  bbc_news: sequence classification on MiniLM-L6, r=8 on query,value, batch 16, max length 128, lr 1e-3
+  a  bbc_news: sequence classification on MiniLM-L6, LoRA on query,value (the peer r=8; lorafit's default r=16
+     in "defaults", r=8 in "equal"), batch 16, max length 128, lr 1e-3
   b  sft: causal-LM SFT on SmolLM2-135M over variable-length prompt/response pairs built from BBC News
 Comparisons
   defaults  each side as its user would run it: lorafit's recipe vs the peer's typical script (lora_dropout 0.1,
@@ -34,7 +35,8 @@ EQUAL_BF16 = resolve_precision("auto") == "bf16"
 LORAFIT_FLAGS = {  # what "defaults" and "equal" mean on the lorafit side, per job
     ("a", "defaults"): ["recipe=bbc_news"],
     # equal: peft's default init (kaiming A) as the peer has, its dropout, the same precision
-    ("a", "equal"): ["recipe=bbc_news", "lora.dropout=0.1", "model.dropout=null", "lora.init=default"],
+    ("a", "equal"): ["recipe=bbc_news", "lora.r=8", "lora.alpha=16", "lora.dropout=0.1", "model.dropout=null",
+                     "lora.init=default"],  # the peer's r=8, alpha=16 (lorafit's default is r=16 since 2026-11-24)
     ("b", "defaults"): ["recipe=sft_jsonl"],
     ("b", "equal"): ["recipe=sft_jsonl", "lora.dropout=0.1", "lora.init=default"],  # SmolLM2's own dropout is 0
 }
