@@ -66,12 +66,22 @@ def test_generate_cli_file_prompt_and_chat(sft_run, tmp_path):
 
 
 def test_generate_cli_classifies_with_a_seq_cls_run(tmp_path):
-    run_dir, _ = run_inprocess(tmp_path, *TINY_CLS, "train.max_steps=20", "hooks=[save_adapter]")
-    out = generate_cli(run_dir, "--prompt", "market shares bank market shares", "--prompt", "match goal striker goal")
+    """Every held-out row through the CLI (the adapter put back on its base): the printed labels score exactly the
+    accuracy the run measured on the trained model."""
+    import csv
+
+    from conftest import CLS_EVAL
+
+    run_dir, summary = run_inprocess(tmp_path, *TINY_CLS, "train.max_steps=40", "hooks=[save_adapter]")
+    rows = list(csv.DictReader(open(CLS_EVAL)))
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows))
+    out = generate_cli(run_dir, "--file", tmp_path / "p.jsonl", "--out", tmp_path / "o.jsonl")
     assert out.returncode == 0, out.stderr
-    lines = out.stdout.strip().splitlines()
-    assert [l.split("\t")[0] for l in lines] == ["business", "sport"]
-    assert "business=" in lines[0] and "tech=" in lines[0]
+    got = [json.loads(l) for l in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert sum(g["label"] == r["label"] for g, r in zip(got, rows)) / len(rows) == summary["eval"]["accuracy"] > 0.9
+    assert set(got[0]["probs"]) == {"business", "sport", "tech"} and abs(sum(got[0]["probs"].values()) - 1) < 1e-3
+    printed = generate_cli(run_dir, "--prompt", rows[0]["text"])
+    assert printed.stdout.split("\t")[0] == got[0]["label"] and "business=" in printed.stdout
 
 
 def test_generate_cli_bad_input_is_one_line(tmp_path, sft_run):
