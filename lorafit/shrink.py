@@ -88,8 +88,7 @@ def dampen_intruders(adapter: Path, out: Path, lam: float, k: int = 10, eps: flo
     model = PeftModel.from_pretrained(build_model(cfg, info.get("labels"), quantize=False), adapter)
     lines: list[str] = []
     reduce_intruder_dimension(model, top_k=k, threshold_epsilon=eps, mitigation_lambda=lam, logging_sink=lines.append)
-    counts = {l.split(": ")[0].removeprefix("base_model.model."): 0 if "No intruders" in l else int(l.rsplit(" ", 1)[1])
-              for l in lines if ": " in l and not l.startswith("Enabling")}
+    counts = peft_intruder_counts(lines)
     with atomic_dir(out) as tmp:
         model.save_pretrained(str(tmp), selected_adapters=["intruder_reduced"], safe_serialization=True)
         for f in (tmp / "intruder_reduced").iterdir():  # peft puts a non-default adapter in a subfolder
@@ -106,6 +105,13 @@ def dampen_intruders(adapter: Path, out: Path, lam: float, k: int = 10, eps: flo
                   "total": sum(counts.values())}
         (tmp / "intruder_report.json").write_text(json.dumps(report, indent=1))
     return report
+
+
+def peft_intruder_counts(lines: list[str]) -> dict[str, int]:
+    """{module: intruder count} from the lines reduce_intruder_dimension logs ("NAME: Intruders: N" / "NAME: No
+    intruders")."""
+    return {l.split(": ")[0].removeprefix("base_model.model."): 0 if "No intruders" in l else int(l.rsplit(" ", 1)[1])
+            for l in lines if ": " in l and not l.startswith("Enabling")}
 
 
 def state_dtype(state: dict, name: str) -> torch.dtype:

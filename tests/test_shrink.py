@@ -117,3 +117,25 @@ def test_auto_rank_probes_then_trains_at_the_advised_ranks(tmp_path):
     probe_mtime = (run_dir / "probe" / "summary.json").stat().st_mtime
     _, again = run_inprocess(tmp_path, *args, "train.resume=auto")
     assert again["auto_rank"] == auto and (run_dir / "probe" / "summary.json").stat().st_mtime == probe_mtime
+
+
+def test_shrink_intruders_dampens_them_through_peft(tmp_path):
+    """--intruders 0: peft's reduce_intruder_dimension removes the intruder directions; modules without any keep
+    their factors, and the result loads with plain peft and has fewer intruders."""
+    from lorafit.analysis import base as base_weights
+    from lorafit.analysis.report import analyze
+    from lorafit.analysis.spectrum import read_adapter
+    from lorafit.shrink import dampen_intruders
+
+    src = random_adapter(tmp_path / "a")
+    config, state = read_adapter(src)
+    config["lora_alpha"] = 4  # some modules with intruders, some without (see test_intruders)
+    (src / "adapter_config.json").write_text(json.dumps(config))
+    before = analyze(config, state, base=base_weights.from_dir("tiny-llama"))
+    report = dampen_intruders(src, tmp_path / "d", lam=0.0)
+    assert report["intruders"] == {m["name"]: m["intruder_count"] for m in before["modules"]}
+    new_config, new_state = read_adapter(tmp_path / "d")
+    after = analyze(new_config, new_state, base=base_weights.from_dir("tiny-llama"))
+    assert after["intruders"]["total"] < before["intruders"]["total"]
+    clean = [n for n, c in report["intruders"].items() if c == 0]
+    assert clean and all(torch.equal(new_state[k], state[k]) for k in state if any(f"{n}.lora_" in k for n in clean))
