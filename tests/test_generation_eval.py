@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import compose, metrics_lines, run_inprocess
 
 from lorafit.errors import UserError
@@ -77,7 +78,8 @@ def test_forgetting_is_the_loss_on_general_text_after_minus_before(tmp_path, wri
     ds = data.general_text(cfg, tok)
     assert len(ds) == 12
     batch = data.collate([ds[i] for i in range(len(ds))], tok.pad_token_id)
-    total, n = loss_sum(build_model(cfg).eval(), batch, "causal_lm")
+    with torch.no_grad():
+        total, n = loss_sum(build_model(cfg).eval(), batch, "causal_lm")
     assert math.isclose(float(total.sum() / n.sum()), e["forgetting_base_loss"], rel_tol=1e-4)
 
 
