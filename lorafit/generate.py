@@ -34,7 +34,7 @@ def load(path: str | Path, base: str | None = None, allow_pickle: bool = False) 
     """The model at `path` (merged dir, adapter dir, or run dir holding adapter/), in eval mode."""
     from omegaconf import OmegaConf
 
-    from lorafit.saved import run_config, saved_tokenizer
+    from lorafit.saved import base_name, run_config, saved_tokenizer
     from lorafit.analysis.spectrum import ADAPTER_CONFIG, adapter_dir, read_adapter
     from lorafit.config import ModelConfig
     from lorafit.models import auto_class, build_model, build_tokenizer, load_config
@@ -51,9 +51,7 @@ def load(path: str | Path, base: str | None = None, allow_pickle: bool = False) 
 
     adir = adapter_dir(path)
     config, state = read_adapter(adir, allow_pickle=allow_pickle)  # one clear line for a missing or corrupt adapter
-    base = base or config.get("base_model_name_or_path")
-    if not base:
-        raise UserError(f"{adir}: adapter_config.json names no base model; pass --base")
+    base = base_name(adir, config, base)
     cfg, info = run_config(adir, state, config, base)
     tokenizer = saved_tokenizer(cfg.model, adir)
     if tokenizer is None:

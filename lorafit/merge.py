@@ -351,7 +351,7 @@ def parse_args(argv=None):
 
 @user_errors_as_one_line
 def main(argv=None) -> dict:
-    from lorafit.saved import run_config, saved_tokenizer
+    from lorafit.saved import base_name, run_config, saved_tokenizer
     from lorafit.analysis.spectrum import adapter_dir, read_adapter
     from lorafit.models import resolve
 
@@ -365,9 +365,7 @@ def main(argv=None) -> dict:
                             "e.g. a seq_cls head), which a weighted LoRA combination can't mix; merge one adapter at a time")
     if args.weights and len(args.weights) != len(dirs):
         raise UserError(f"--weights has {len(args.weights)} values for {len(dirs)} adapters")
-    base = args.base or config.get("base_model_name_or_path")
-    if not base:
-        raise UserError(f"{dirs[0]}: adapter_config.json names no base model; pass --base")
+    base = base_name(dirs[0], config, args.base)
     out = Path(args.out)
     if args.stream:
         if len(dirs) > 1:

@@ -12,6 +12,14 @@ from lorafit.errors import UserError
 from lorafit.models import build_tokenizer, load_config
 
 
+def base_name(adapter_dir: Path, config: dict, base: str | None) -> str:
+    """The base to put an adapter on: `base` (--base) if given, else the adapter's base_model_name_or_path."""
+    base = base or config.get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{adapter_dir}: adapter_config.json names no base model; pass --base")
+    return base
+
+
 def run_config(adapter_dir: Path, state: dict, config: dict, base: str) -> tuple:
     """(config, info) of the run that trained this adapter: its model and quant config on `base`, and info's task
     and labels (best guesses for foreign adapters: the task from peft's task_type, or else the base's architecture)."""

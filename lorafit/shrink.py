@@ -60,9 +60,7 @@ def shrink(adapter: Path, out: Path, energy: float | None = None, rank: int | No
               "params": sum(m["params"] for m in modules), "params_kept": sum(m["params_kept"] for m in modules),
               "energy_kept": 1 - sum(m["tail_energy"] for m in modules) / max(sum(m["energy"] for m in modules), 1e-300)}
     with atomic_dir(out) as tmp:
-        for extra in adapter.iterdir():  # tokenizer, lorafit.json: unchanged
-            if extra.is_file() and extra.name not in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "adapter_model.bin"):
-                shutil.copy2(extra, tmp / extra.name)
+        _copy_side_files(adapter, tmp)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(new_config, indent=2))
         save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         (tmp / "shrink_report.json").write_text(json.dumps(report, indent=1))
@@ -78,12 +76,10 @@ def dampen_intruders(adapter: Path, out: Path, lam: float, k: int = 10, eps: flo
 
     from lorafit.analysis.spectrum import ADAPTER_WEIGHTS, read_adapter
     from lorafit.models import build_model
-    from lorafit.saved import run_config
+    from lorafit.saved import base_name, run_config
 
     config, state = read_adapter(adapter)
-    base = base or config.get("base_model_name_or_path")
-    if not base:
-        raise UserError(f"{adapter}: adapter_config.json names no base model; pass --base")
+    base = base_name(adapter, config, base)
     cfg, info = run_config(adapter, state, config, base)
     model = PeftModel.from_pretrained(build_model(cfg, info.get("labels"), quantize=False), adapter)
     lines: list[str] = []
@@ -98,13 +94,18 @@ def dampen_intruders(adapter: Path, out: Path, lam: float, k: int = 10, eps: flo
         saved = load_file(tmp / ADAPTER_WEIGHTS)
         full = {k_: v.contiguous() for k_, v in state.items() if ".lora_" not in k_}
         save_file({**saved, **full}, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-        for extra in adapter.iterdir():  # tokenizer, lorafit.json
-            if extra.is_file() and not extra.name.startswith("adapter_"):
-                shutil.copy2(extra, tmp / extra.name)
+        _copy_side_files(adapter, tmp)
         report = {"adapter": str(adapter), "lambda": lam, "k": k, "eps": eps, "intruders": counts,
                   "total": sum(counts.values())}
         (tmp / "intruder_report.json").write_text(json.dumps(report, indent=1))
     return report
+
+
+def _copy_side_files(adapter: Path, out: Path) -> None:
+    """What lives beside the adapter's own files (tokenizer, lorafit.json) goes over unchanged."""
+    for extra in adapter.iterdir():
+        if extra.is_file() and not extra.name.startswith("adapter_"):
+            shutil.copy2(extra, out / extra.name)
 
 
 def peft_intruder_counts(lines: list[str]) -> dict[str, int]:
