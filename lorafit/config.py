@@ -53,7 +53,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     dropout: Optional[float] = None  # override the checkpoint's own dropout probabilities (None keeps them)
     attn_implementation: Optional[str] = None  # sdpa | eager | flash_attention_2 ...; None: transformers' default
-    fast_dropout: bool = True  # CPU dropout masks from cheap 16-bit draws (lorafit/dropout.py); false: torch's own
+    fast_dropout: bool = True  # CPU dropout masks from cheap 16-bit draws (lorafit/speed.py); false: torch's own
 
 
 @dataclass

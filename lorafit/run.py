@@ -110,7 +110,7 @@ def run(cfg, run_dir: Path | None = None) -> float:
     """Train one adapter as `cfg` says; return the primary eval metric (what a sweeper optimizes)."""
     from accelerate.utils import set_seed
 
-    from lorafit import adapters, data, hooks, metrics, models
+    from lorafit import adapters, data, hooks, metrics, models, speed
     from lorafit.train import MetricsLog, forgetting_eval, train
 
     t_start = time.perf_counter()
@@ -133,10 +133,7 @@ def run(cfg, run_dir: Path | None = None) -> float:
     model = adapters.attach_lora(models.build_model(cfg, splits.labels), cfg)
     if accelerator.is_main_process:
         adapters.save_initial_adapter(model, cfg, run_dir)
-    if cfg.model.fast_dropout:  # after attach_lora, so LoRA's own dropout layers are swapped too
-        from lorafit import dropout
-
-        dropout.install(model)
+    speed.install(model, cfg.model.fast_dropout)  # after attach_lora, so LoRA's own dropout layers are swapped too
     params = adapters.parameter_report(model)
     accelerator.print(adapters.format_parameter_report(params))
 
@@ -155,8 +152,9 @@ def run(cfg, run_dir: Path | None = None) -> float:
         extra_evals.append(generation_eval(data.generation_rows(splits.eval, cfg), tokenizer, cfg, accelerator, run_dir))
     if cfg.eval.forgetting_file:
         extra_evals.append(forgetting_eval(data.general_text(cfg, tokenizer), tokenizer.pad_token_id, cfg, accelerator))
-    result = train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir,
-                   MetricsLog(run_dir / "metrics.jsonl", accelerator), extra_evals)
+    with speed.frozen_weights_in(model, accelerator.mixed_precision):
+        result = train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir,
+                       MetricsLog(run_dir / "metrics.jsonl", accelerator), extra_evals)
 
     metric = metrics.primary_metric(cfg)
     summary = {

@@ -178,7 +178,7 @@ def test_precision_benchmark_runs_both_precisions_in_tiny_mode():
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
 def test_fast_dropout_drops_p_and_stays_unbiased(p):
-    from lorafit.dropout import fast_dropout
+    from lorafit.speed import fast_dropout
 
     torch.manual_seed(0)
     x = torch.randn(400_000, requires_grad=True)
@@ -201,7 +201,7 @@ def test_fast_dropout_attention_is_sdpa_attention(model_name):
     padding masks, causal masks and grouped-query heads handled alike. In eval it is sdpa itself."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from lorafit import dropout
+    from lorafit import speed
     from lorafit.models import resolve
 
     if model_name == "tiny-llama":
@@ -217,8 +217,8 @@ def test_fast_dropout_attention_is_sdpa_attention(model_name):
     outs = {}
     for impl in ("sdpa", "fast"):
         if impl == "fast":
-            dropout.install(model)
-            assert model.config._attn_implementation == dropout.ATTENTION
+            speed.install(model)
+            assert model.config._attn_implementation == speed.ATTENTION
         for train in (True, False):
             model.train(train)
             for name, m in (("padded", mask), ("full", full)):
@@ -230,25 +230,114 @@ def test_fast_dropout_attention_is_sdpa_attention(model_name):
 
 
 def test_fast_dropout_is_installed_by_default_and_can_be_turned_off(tmp_path):
-    from conftest import TINY_CLS
+    from conftest import TINY_CLS, run_inprocess
 
-    from lorafit import dropout
+    from lorafit import speed
 
-    seen = {}
-    orig = dropout.install
+    seen = []
+    orig = speed.install
 
-    def spy(model):
-        seen["model"] = orig(model)
-        return seen["model"]
+    def spy(model, fast_dropout=True):
+        seen.append((orig(model, fast_dropout), model.config._attn_implementation))
+        return model
 
-    from conftest import run_inprocess
-
-    dropout.install = spy
+    speed.install = spy
     try:
         run_inprocess(tmp_path / "on", *TINY_CLS, "train.max_steps=2", "lora.dropout=0.1", "hooks=[]")
-        assert any(isinstance(m, dropout.FastDropout) for m in seen.pop("model").modules())
         run_inprocess(tmp_path / "off", *TINY_CLS, "train.max_steps=2", "lora.dropout=0.1", "hooks=[]",
                       "model.fast_dropout=false")
-        assert "model" not in seen
     finally:
-        dropout.install = orig
+        speed.install = orig
+    (on, on_attention), (off, off_attention) = seen
+    assert any(isinstance(m, speed.FastDropout) for m in on.modules()) and on_attention == speed.ATTENTION
+    # off: torch's own dropout layers, and the attention passes dropout to torch's sdpa
+    assert not any(isinstance(m, speed.FastDropout) for m in off.modules())
+    assert off_attention == speed.ATTENTION_TORCH_DROPOUT
+
+
+def _tiny(model_name: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from lorafit.models import resolve
+
+    torch.manual_seed(0)
+    if model_name == "tiny-llama":
+        return AutoModelForCausalLM.from_pretrained(resolve(model_name), tie_word_embeddings=True)
+    return AutoModelForSequenceClassification.from_pretrained(resolve(model_name), num_labels=3)
+
+
+@pytest.mark.parametrize("model_name", ["tiny-bert", "tiny-llama"])
+def test_frozen_weights_in_bf16_change_no_bit_under_autocast_and_come_back(model_name):
+    """Autocast casts each frozen fp32 Linear weight to bf16 at every forward; holding it in bf16 instead gives the
+    same logits and LoRA gradients bit for bit. On exit the fp32 originals are back, bitwise. A tied LM head is
+    left alone (its embedding lookup is not autocast)."""
+    from peft import LoraConfig, get_peft_model
+
+    from lorafit import speed
+
+    targets = ["q_proj", "v_proj"] if model_name == "tiny-llama" else ["query", "value"]
+    model = get_peft_model(_tiny(model_name), LoraConfig(r=4, target_modules=targets, init_lora_weights="gaussian"))
+    for n, p in model.named_parameters():  # B = 0 at init would make the LoRA gradients of A trivially zero
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(5, 900, (2, 17), generator=torch.Generator().manual_seed(0))
+
+    def step():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(input_ids=ids).logits.float()
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ref_logits, ref_grads = step()
+    with speed.frozen_weights_in(model, "bf16"):
+        dtypes = {n: p.dtype for n, p in model.named_parameters()}
+        logits, grads = step()
+    assert torch.equal(logits, ref_logits)
+    assert all(torch.equal(grads[n], ref_grads[n]) for n in ref_grads)
+    base_linear = [n for n in dtypes if "base_layer.weight" in n or "dense.weight" in n or "mlp.up_proj.weight" in n]
+    assert base_linear and all(dtypes[n] == torch.bfloat16 for n in base_linear)
+    assert all(dtypes[n] == torch.float32 for n in dtypes if "lora_" in n or "embed" in n or "norm" in n.lower())
+    if model_name == "tiny-llama":  # tied: lm_head.weight is the embedding, which stays fp32
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+        assert model.get_output_embeddings().weight.dtype == torch.float32
+    assert all(torch.equal(p, before[n]) and p.dtype == before[n].dtype for n, p in model.named_parameters())
+    with speed.frozen_weights_in(model, "no"):  # fp32 runs change nothing
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("model_name", ["tiny-bert", "tiny-llama"])
+def test_cpu_attention_under_bf16_autocast_runs_in_fp32_where_it_is_differentiated(model_name, monkeypatch):
+    """Under bf16 autocast on CPU, attention that backward will go through gets torch's sdpa on the (exactly) upcast
+    fp32 inputs, its output rounded back to bf16 once; forward-only attention keeps torch's bf16 kernel."""
+    import torch.nn.functional as F
+
+    from lorafit import speed
+
+    model = speed.install(_tiny(model_name)).eval()
+    seen, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append(q.dtype if not torch.is_autocast_enabled("cpu") else torch.bfloat16)  # what the kernel runs in
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    ids = torch.randint(5, 900, (2, 13), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, attention_mask=mask).logits.float().sum().backward()
+        assert seen and set(seen) == {torch.float32}
+        seen.clear()
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+        assert seen and set(seen) == {torch.bfloat16}
+    q, k, v = (torch.randn(2, 4, 13, 8, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    bool_mask = torch.ones(2, 1, 13, 13, dtype=torch.bool).tril()
+    layer = torch.nn.Module()  # an attention layer without grouped heads
+    layer.is_causal = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = speed.attention(layer, q, k, v, bool_mask, scaling=0.35)
+    expected = sdpa(q.float(), k.float(), v.float(), attn_mask=bool_mask, scale=0.35).transpose(1, 2).to(torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
