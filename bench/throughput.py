@@ -1,13 +1,17 @@
 """Benchmark: lorafit vs a plain HF Trainer + PEFT script on the same job, side by side, alternating runs.
 
 Jobs
-  a  bbc_news: sequence classification on MiniLM-L6, LoRA on query,value (the peer r=8; lorafit's default r=16
-     in "defaults", r=8 in "equal"), batch 16, max length 128, lr 1e-3
-  b  sft: causal-LM SFT on SmolLM2-135M over variable-length prompt/response pairs built from BBC News
+  a  bbc_news: sequence classification on MiniLM-L6, LoRA r=8, alpha=16 on query,value, batch 16, max length 128,
+     lr 1e-3
+  b  sft: causal-LM SFT on SmolLM2-135M over variable-length prompt/response pairs built from BBC News, LoRA r=8,
+     alpha=16 on q_proj,v_proj
+  Model, rank, targets, batch, lr, schedule and steps are the job: both sides get them in both views.
 Comparisons
-  defaults  each side as its user would run it: lorafit's recipe vs the peer's typical script (lora_dropout 0.1,
-            the checkpoint's own dropout, no length grouping)
-  equal     same hyperparameters, dropout included: the engineering view
+  defaults  each side as its user would run it otherwise: lorafit's recipe (its precision, dropout, init, length
+            grouping) vs the peer's typical script (fp32 as HF Trainer defaults, lora_dropout 0.1, the checkpoint's
+            own dropout, peft's default init, no length grouping)
+  equal     the same hyperparameters: peft's default init on both sides, the same dropout, and the same precision
+            (the peer gets bf16=True where lorafit's `auto` picks bf16): the engineering view
 Each run is a fresh subprocess that reports its own peak RSS; throughput counts training steps only (evaluation
 is timed separately on both sides). Ratios are lorafit / peer, the median over alternating pairs.
 
@@ -160,7 +164,12 @@ def main(argv=None) -> list[dict]:
         for side in ("lorafit", "peer"):
             sps = [x["samples_per_s"] for x in r["runs"][side]]
             rss = " ".join(f"{x['rss_mb']:.0f}" for x in r["runs"][side])
-            print(f"  {r['job']}/{r['mode']}/{side}: samples/s {' '.join(f'{v:.1f}' for v in sps)}; peak RSS MiB {rss}")
+            ran = ""
+            if side == "lorafit":
+                ran = f"; {r['runs'][side][0]['precision']}, MFU " + " ".join(f"{x['mfu']:.1%}" for x in r["runs"][side])
+            elif PEER_FLAGS[r["job"], r["mode"]].get("bf16"):
+                ran = "; bf16"
+            print(f"  {r['job']}/{r['mode']}/{side}: samples/s {' '.join(f'{v:.2f}' for v in sps)}; peak RSS MiB {rss}{ran}")
     return rows
 
 
