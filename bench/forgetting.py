@@ -1,6 +1,6 @@
 """Forgetting on SmolLM2 against rank and intruder dimensions, and what shrinking does to it.
 
-    .venv/bin/python bench/forgetting.py [--ranks 4 16 64] [--out /tmp/forgetting_bench]
+    .venv/bin/python bench/forgetting.py [--ranks 4 16 64] [--out /tmp/forgetting_bench] [OVERRIDE ...]
 
 Trains the smollm2_bbc recipe (causal LM on BBC News text) at each rank, alpha = 2r, with
 eval.forgetting_file = prose paragraphs of Python's own reference documentation (pydoc_data, shipped with CPython:
@@ -33,6 +33,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--ranks", type=int, nargs="+", default=[4, 16, 64])
     p.add_argument("--out", type=Path, default=Path("/tmp/forgetting_bench"))
+    p.add_argument("extra", nargs="*", help="more overrides for every run, e.g. train.max_steps=300")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     text = general_text(args.out / "general.txt")
@@ -43,7 +44,7 @@ def main() -> None:
         run_dir = args.out / f"r{r}"
         if not (run_dir / "summary.json").is_file():
             subprocess.run([sys.executable, "-m", "lorafit", *common, f"lora.r={r}", f"lora.alpha={2 * r}",
-                            f"hydra.run.dir={run_dir}"], cwd=REPO, check=True)
+                            f"hydra.run.dir={run_dir}", *args.extra], cwd=REPO, check=True)
         s = json.loads((run_dir / "summary.json").read_text())
         doc = json.loads((run_dir / "analysis" / "spectrum.json").read_text())
         rows.append({"adapter": f"r={r}", "lora_params": s["trainable_params"], "perplexity": round(s["eval"]["perplexity"], 3),

@@ -32,8 +32,8 @@ def main(argv=None) -> list[dict]:
         s = job_settings(job, steps, work, args.tiny)
         base = ["recipe=bbc_news"] if job == "a" else ["recipe=sft_jsonl"]
         overrides = lorafit_overrides(s, base)
-        if job == "a":  # the default job exactly as `make run` trains it: its recipe's lr
-            overrides = [o for o in overrides if not o.startswith("train.lr=")]
+        if job == "a":  # the default job exactly as `make run` trains it: its recipe's lr and rank
+            overrides = [o for o in overrides if not o.startswith(("train.lr=", "lora.r=", "lora.alpha="))]
         runs = {name: [] for name in PRECISIONS}
         for i in range(args.pairs):
             for name in PRECISIONS if i % 2 == 0 else reversed(PRECISIONS):

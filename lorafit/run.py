@@ -152,7 +152,8 @@ def run(cfg, run_dir: Path | None = None) -> float:
         extra_evals.append(generation_eval(data.generation_rows(splits.eval, cfg), tokenizer, cfg, accelerator, run_dir))
     if cfg.eval.forgetting_file:
         extra_evals.append(forgetting_eval(data.general_text(cfg, tokenizer), tokenizer.pad_token_id, cfg, accelerator))
-    with speed.frozen_weights_in(model, accelerator.mixed_precision):
+    sharded = accelerator.distributed_type in ("FSDP", "DEEPSPEED")
+    with speed.frozen_weights_in(model, accelerator.mixed_precision, sharded):
         result = train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir,
                        MetricsLog(run_dir / "metrics.jsonl", accelerator), extra_evals)
 

@@ -18,7 +18,7 @@
    originals come back when training ends, for the hooks.
 
 `install(model)` swaps every nn.Dropout for FastDropout (with fast_dropout) and routes sdpa attention through
-`attention` below. On GPU, with p = 0, or in eval, the attention defers to torch's own kernels.
+`attention` below. On GPU, and on CPU in fp32 or where no backward runs through it, that defers to torch's sdpa.
 """
 
 from __future__ import annotations
@@ -115,18 +115,19 @@ def install(model: nn.Module, fast_dropout: bool = True) -> nn.Module:
 
 
 @contextmanager
-def frozen_weights_in(model: nn.Module, mixed_precision: str):
+def frozen_weights_in(model: nn.Module, mixed_precision: str, sharded: bool = False):
     """Within the block, every frozen float32 nn.Linear weight and bias of `model` is held in the autocast dtype of
-    accelerate's `mixed_precision` (bf16, fp16; "no" changes nothing); the original tensors come back on exit, bit for
-    bit. Autocast would cast them to the same bits at every forward. Weights shared with another module (a tied LM head's embedding) are left alone:
-    an embedding lookup is not autocast, so its output dtype would change."""
+    accelerate's `mixed_precision` (bf16, fp16; "no" changes nothing); the original tensors come back on exit, bit
+    for bit. Autocast would cast them to the same bits at every forward. Weights shared with another module (a tied
+    LM head's embedding) are left alone: an embedding lookup is not autocast, so its output dtype would change.
+    Sharded models (FSDP, DeepSpeed: `sharded`) are left alone too: their engines own the parameters' storage."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
-    if dtype is None:
+    if dtype is None or sharded:
         yield
         return
     linear = {id(p) for m in model.modules() if type(m) is nn.Linear for p in m.parameters(recurse=False)}
     shared = {id(p) for m in model.modules() if type(m) is not nn.Linear for p in m.parameters(recurse=False)}
-    frozen = [p for p in {id(p): p for p in model.parameters()}.values()
+    frozen = [p for p in model.parameters()
               if id(p) in linear and id(p) not in shared and not p.requires_grad and p.dtype == torch.float32]
     originals = [p.data for p in frozen]
     try:

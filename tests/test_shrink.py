@@ -139,3 +139,35 @@ def test_shrink_intruders_dampens_them_through_peft(tmp_path):
     assert after["intruders"]["total"] < before["intruders"]["total"]
     clean = [n for n, c in report["intruders"].items() if c == 0]
     assert clean and all(torch.equal(new_state[k], state[k]) for k in state if any(f"{n}.lora_" in k for n in clean))
+
+
+def test_shrink_intruders_keeps_a_trained_classifier_head(tmp_path):
+    """On a seq_cls adapter, peft's new (dampened) adapter would start its modules_to_save head from the base's
+    fresh one; the trained head is put back. At lambda 1 (intruders kept) the result then gives the original
+    adapter's logits, through plain peft."""
+    from conftest import TINY_CLS, run_inprocess
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from lorafit.analysis.spectrum import read_adapter
+    from lorafit.models import resolve
+    from lorafit.shrink import dampen_intruders
+
+    run_dir, _ = run_inprocess(tmp_path / "run", *TINY_CLS, "train.max_steps=6", "hooks=[save_adapter]")
+    adapter = run_dir / "adapter"
+    dampen_intruders(adapter, tmp_path / "d", lam=1.0)
+    _, state = read_adapter(adapter)
+    _, new = read_adapter(tmp_path / "d")
+    heads = [k for k in state if ".lora_" not in k]
+    assert heads and all(torch.equal(new[k], state[k]) for k in heads)
+    n_labels = next(v.shape[0] for k, v in state.items() if k.endswith("classifier.weight"))
+    ids = torch.randint(5, 900, (3, 11), generator=torch.Generator().manual_seed(0))
+
+    def logits(path):
+        torch.manual_seed(0)
+        base = AutoModelForSequenceClassification.from_pretrained(resolve("tiny-bert"), num_labels=n_labels)
+        with torch.no_grad():
+            return PeftModel.from_pretrained(base, path).eval()(input_ids=ids).logits
+
+    original, dampened = logits(adapter), logits(tmp_path / "d")
+    assert torch.allclose(dampened, original, atol=1e-4), (dampened - original).abs().max()
