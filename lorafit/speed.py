@@ -119,16 +119,19 @@ def frozen_weights_in(model: nn.Module, mixed_precision: str, sharded: bool = Fa
     """Within the block, every frozen float32 nn.Linear weight and bias of `model` is held in the autocast dtype of
     accelerate's `mixed_precision` (bf16, fp16; "no" changes nothing); the original tensors come back on exit, bit
     for bit. Autocast would cast them to the same bits at every forward. Weights shared with another module (a tied
-    LM head's embedding) are left alone: an embedding lookup is not autocast, so its output dtype would change.
-    Sharded models (FSDP, DeepSpeed: `sharded`) are left alone too: their engines own the parameters' storage."""
+    LM head's embedding) are left alone: an embedding lookup is not autocast, so its output dtype would change. So are
+    DoRA's base weights, and sharded models (FSDP, DeepSpeed: `sharded`), whose engines own the parameters' storage."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
     if dtype is None or sharded:
         yield
         return
     linear = {id(p) for m in model.modules() if type(m) is nn.Linear for p in m.parameters(recurse=False)}
     shared = {id(p) for m in model.modules() if type(m) is not nn.Linear for p in m.parameters(recurse=False)}
-    frozen = [p for p in model.parameters()
-              if id(p) in linear and id(p) not in shared and not p.requires_grad and p.dtype == torch.float32]
+    # DoRA normalizes W0 + ΔW by its column norms outside any matmul: that needs W0's fp32 bits
+    dora = {id(p) for m in model.modules() if any(getattr(m, "use_dora", {}).values())
+            for p in m.get_base_layer().parameters(recurse=False)}
+    frozen = [p for p in model.parameters() if id(p) in linear and id(p) not in shared | dora
+              and not p.requires_grad and p.dtype == torch.float32]
     originals = [p.data for p in frozen]
     try:
         for p in frozen:

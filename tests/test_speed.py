@@ -266,17 +266,18 @@ def _tiny(model_name: str):
     return AutoModelForSequenceClassification.from_pretrained(resolve(model_name), num_labels=3)
 
 
-@pytest.mark.parametrize("model_name", ["tiny-bert", "tiny-llama"])
-def test_frozen_weights_in_bf16_change_no_bit_under_autocast_and_come_back(model_name):
+@pytest.mark.parametrize("model_name,dora", [("tiny-bert", False), ("tiny-llama", False), ("tiny-bert", True)])
+def test_frozen_weights_in_bf16_change_no_bit_under_autocast_and_come_back(model_name, dora):
     """Autocast casts each frozen fp32 Linear weight to bf16 at every forward; holding it in bf16 instead gives the
     same logits and LoRA gradients bit for bit. On exit the fp32 originals are back, bitwise. A tied LM head is
-    left alone (its embedding lookup is not autocast)."""
+    left alone (its embedding lookup is not autocast), and so are DoRA's base weights (it takes their norms)."""
     from peft import LoraConfig, get_peft_model
 
     from lorafit import speed
 
     targets = ["q_proj", "v_proj"] if model_name == "tiny-llama" else ["query", "value"]
-    model = get_peft_model(_tiny(model_name), LoraConfig(r=4, target_modules=targets, init_lora_weights="gaussian"))
+    model = get_peft_model(_tiny(model_name), LoraConfig(r=4, target_modules=targets, init_lora_weights="gaussian",
+                                                         use_dora=dora))
     for n, p in model.named_parameters():  # B = 0 at init would make the LoRA gradients of A trivially zero
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.02)
@@ -296,8 +297,10 @@ def test_frozen_weights_in_bf16_change_no_bit_under_autocast_and_come_back(model
         logits, grads = step()
     assert torch.equal(logits, ref_logits)
     assert all(torch.equal(grads[n], ref_grads[n]) for n in ref_grads)
-    base_linear = [n for n in dtypes if "base_layer.weight" in n or "dense.weight" in n or "mlp.up_proj.weight" in n]
-    assert base_linear and all(dtypes[n] == torch.bfloat16 for n in base_linear)
+    adapted = [n for n in dtypes if "base_layer.weight" in n]
+    other = [n for n in dtypes if "dense.weight" in n or "mlp.up_proj.weight" in n]
+    assert adapted and all(dtypes[n] == (torch.float32 if dora else torch.bfloat16) for n in adapted)
+    assert other and all(dtypes[n] == torch.bfloat16 for n in other)
     assert all(dtypes[n] == torch.float32 for n in dtypes if "lora_" in n or "embed" in n or "norm" in n.lower())
     if model_name == "tiny-llama":  # tied: lm_head.weight is the embedding, which stays fp32
         assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
