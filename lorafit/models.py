@@ -27,6 +27,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "hidden_dropout", "dropout",
                 "classifier_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout")
 HEAD_NAMES = ("classifier", "score")  # seq_cls heads: trained in full and saved with the adapter
+NON_REENTRANT = {"use_reentrant": False}  # activation checkpointing that recomputes under the same grad mode
 
 
 def cache_dir() -> Path:
@@ -232,9 +233,12 @@ def build_model(cfg, labels: list[str] | None = None, quantize: bool = True):
         from peft import prepare_model_for_kbit_training
 
         one_4bit_compute_path(model)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=m.gradient_checkpointing)
+        # Non-reentrant like the plain path (peft defaults to reentrant): its recomputation runs the forward's exact
+        # code path, grad mode included (speed.attention picks its kernel by whether backward will follow)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=m.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=NON_REENTRANT)
     elif m.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=NON_REENTRANT)
     return model
 
 

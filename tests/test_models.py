@@ -51,3 +51,30 @@ def test_4bit_parameter_count_equals_the_float_models(storage):
     float_cfg = compose(*TINY_LM)
     plain = parameter_report(attach_lora(build_model(float_cfg), float_cfg))
     assert quantized["total"] == plain["total"] and quantized["trainable"] == plain["trainable"] > 0
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_gradient_checkpointing_gives_the_same_lora_gradients(quant):
+    """model.gradient_checkpointing=true (plain and QLoRA) recomputes activations in backward, non-reentrant: the
+    recomputation takes the forward's own code path (speed.attention picks its CPU kernel by grad mode), so under
+    bf16 autocast the LoRA gradients equal those without checkpointing."""
+    import torch
+
+    from lorafit import speed
+    from lorafit.adapters import attach_lora
+    from lorafit.models import build_model
+
+    ids = torch.randint(5, 900, (2, 19), generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for ckpt in (False, True):
+        cfg = compose(*TINY_LM, f"quant={quant}", f"model.gradient_checkpointing={str(ckpt).lower()}")
+        torch.manual_seed(0)
+        model = speed.install(attach_lora(build_model(cfg), cfg)).train()
+        assert model.base_model.model.is_gradient_checkpointing == ckpt
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads[ckpt] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads[True].keys() == grads[False].keys() and len(grads[True]) > 0
+    for n, g in grads[False].items():
+        assert torch.allclose(grads[True][n], g, rtol=1e-4, atol=1e-6), n
