@@ -1,6 +1,6 @@
 """What shrinking costs in held-out quality, and "train at r=32, shrink to 8" against "train at r=8".
 
-    .venv/bin/python bench/shrink_accuracy.py [--recipe bbc_news] [--small 8] [--big 32] [--out /tmp/shrink_acc]
+    .venv/bin/python bench/shrink_accuracy.py [--recipe bbc_news] [--small 8] [--big 32] [--out /tmp/shrink_acc] [OVERRIDE ...]
 
 Trains the recipe at rank `small` and at rank `big` (alpha = 2r: the same scale), shrinks the big adapter with
 `lorafit.shrink` to rank `small` and to energies 0.99 / 0.9 / 0.8, and evaluates every adapter on the recipe's
@@ -49,7 +49,8 @@ def main() -> None:
     rows = []
     for name, adapter in variants.items():
         loaded = load(adapter)
-        metrics = _evaluate(loaded.model, args.recipe, loaded.model.peft_config["default"].base_model_name_or_path)
+        data = [o for o in args.extra if o.startswith("data.")]  # e.g. the SFT recipe's own files
+        metrics = _evaluate(loaded.model, args.recipe, loaded.model.peft_config["default"].base_model_name_or_path, data)
         lora = sum(p.numel() for n, p in loaded.model.named_parameters() if "lora_" in n)
         rows.append({"adapter": name, "lora_params": lora, **{k: round(v, 4) for k, v in metrics.items() if k != "n"}})
         print(json.dumps(rows[-1]), flush=True)

@@ -176,8 +176,9 @@ def main(argv=None) -> dict:
     return report
 
 
-def _evaluate(model, recipe: str, tokenizer_dir: str) -> dict:
-    """The recipe's eval metrics for `model` (its data, its tokenizer settings), on this machine's devices."""
+def _evaluate(model, recipe: str, tokenizer_dir: str, overrides: tuple[str, ...] = ()) -> dict:
+    """The recipe's eval metrics for `model` (its data, its tokenizer settings, with `overrides`), on this machine's
+    devices."""
     from accelerate import Accelerator
     from omegaconf import OmegaConf
 
@@ -190,7 +191,7 @@ def _evaluate(model, recipe: str, tokenizer_dir: str) -> dict:
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"recipe={recipe}"])
+        cfg = compose(config_name="config", overrides=[f"recipe={recipe}", *overrides])
     cfg = OmegaConf.merge(cfg, {"model": {"name": tokenizer_dir}})
     tok = build_tokenizer(cfg.model)
     _, eval_ds = data.tokenize(data.load_splits(cfg), tok, cfg)
