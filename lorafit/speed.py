@@ -1,4 +1,5 @@
-"""Speed-ups lorafit applies to the model, each measured on 2 CPU cores and each exact or switchable.
+"""Speed-ups lorafit applies to the model, each measured on 2 CPU cores; each is exact, more precise than what it
+replaces, or switchable.
 
 1. Dropout with cheaper random numbers on CPU (`model.fast_dropout`): the same layers, the same probability, ~5x
    cheaper masks. torch's CPU dropout draws its masks with `bernoulli_`, one Mersenne-Twister float per element; on
