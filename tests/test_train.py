@@ -296,3 +296,35 @@ def test_early_stopping_stops_after_patience_evaluations_without_improvement(tmp
     run_dir, summary = run_inprocess(tmp_path / "stop", *BEST, "train.early_stopping_patience=2")
     assert summary["stopped_early"] and summary["steps"] == expected
     assert max(m["step"] for m in metrics_lines(run_dir)) == expected
+
+
+def test_causal_lm_evaluation_scores_in_bounded_chunks_with_the_same_result(monkeypatch):
+    """Evaluation scores a causal LM's batch in groups of whole rows with at most EVAL_TARGETS targets per forward
+    (float logits are targets × vocab), and the loss is the unchunked one."""
+    from accelerate import Accelerator
+
+    from lorafit import train as train_mod
+    from lorafit.data import collate
+    from lorafit.models import build_model
+
+    cfg = compose(*TINY_LM)
+    model = build_model(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for n in (9, 17, 5, 30, 12):
+        ids = torch.randint(5, 900, (n,), generator=g).tolist()
+        rows.append({"input_ids": ids, "attention_mask": [1] * n, "labels": [-100] * 2 + ids[2:]})
+    batch = collate(rows, pad_id=0)
+    seen = []  # positions each forward sends through the LM head: its targets
+    model.lm_head.register_forward_hook(lambda mod, inp, out: seen.append(out.shape[:-1].numel()))
+    acc = Accelerator(cpu=True)
+    results = {}
+    for budget in (10_000, 20):
+        monkeypatch.setattr(train_mod, "EVAL_TARGETS", budget)
+        seen.clear()
+        results[budget] = train_mod.evaluate(model, [batch], cfg, acc)
+        calls = list(seen)
+    assert len(calls) == 4 and sum(calls) == sum(len(r["input_ids"]) - 2 for r in rows)
+    assert all(c <= 20 or c == 28 for c in calls)  # the 30-token row alone has 28 targets: one row at least
+    assert results[20]["n"] == results[10_000]["n"] == 5
+    assert results[20]["loss"] == pytest.approx(results[10_000]["loss"], rel=1e-6)
