@@ -57,29 +57,33 @@ class FastDropout(nn.Dropout):
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
               fast_masks: bool = True, **kwargs):
     """transformers' sdpa attention, except on CPU: training-time dropout uses fast_dropout's masks, and bf16/fp16
-    attention that will be differentiated runs torch's flash kernel in fp32 (see the module docstring).
+    attention that will be differentiated runs torch's flash kernel in fp32 (see the module docstring)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    torch's sdpa falls back to its math path whenever dropout_p > 0 on CPU; the fast-mask path is that math path.
-    """
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    args = (module, query, key, value, attention_mask)
+    if fast_masks and module.training and dropout > 0 and query.is_cpu:
+        return _fast_mask_attention(*args, dropout, scaling, is_causal)
+    autocast = query.is_cpu and torch.is_autocast_enabled("cpu")
+    low = autocast or (query.is_cpu and query.dtype in (torch.bfloat16, torch.float16))
+    backward = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    if not (low and backward):  # forward only, bf16's kernel is the faster one (up to 2.3x at length 512)
+        return sdpa_attention_forward(*args, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+    # q and k may already be fp32 here (RoPE with fp32 cos/sin), v not: all go up, and the output comes back in the
+    # dtype sdpa would have returned
+    dtype = torch.get_autocast_dtype("cpu") if autocast else query.dtype
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.float()
+    with torch.autocast("cpu", enabled=False):  # autocast would cast them back
+        out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
+                                              dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+    return out.to(dtype), weights
 
-    if not (fast_masks and module.training and dropout > 0 and query.is_cpu):
-        autocast = query.is_cpu and torch.is_autocast_enabled("cpu")
-        low = autocast or (query.is_cpu and query.dtype in (torch.bfloat16, torch.float16))
-        backward = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-        if not (low and backward):  # forward only, bf16's kernel is the faster one (up to 2.3x at length 512)
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                          is_causal=is_causal, **kwargs)
-        # q and k may already be fp32 here (RoPE with fp32 cos/sin), v not: all go up, and the output comes back in
-        # the dtype sdpa would have returned
-        dtype = torch.get_autocast_dtype("cpu") if autocast else query.dtype
-        query, key, value = query.float(), key.float(), value.float()
-        if attention_mask is not None and attention_mask.is_floating_point():
-            attention_mask = attention_mask.float()
-        with torch.autocast("cpu", enabled=False):  # autocast would cast them back
-            out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                                  scaling=scaling, is_causal=is_causal, **kwargs)
-        return out.to(dtype), weights
+
+def _fast_mask_attention(module, query, key, value, attention_mask, dropout: float, scaling, is_causal):
+    """torch's sdpa falls back to its math path whenever dropout_p > 0 on CPU; this is that math path, with
+    fast_dropout's masks on the attention probabilities."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
     n_rep = query.shape[1] // key.shape[1]  # grouped-query attention: each key/value head serves n_rep query heads
     key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
     scores = torch.matmul(query, key.transpose(2, 3)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
