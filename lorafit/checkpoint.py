@@ -64,12 +64,35 @@ class Best:
 BEST_WEIGHTS = "best.safetensors"  # checkpoints/best.safetensors: the trainable weights at Best.step
 
 
+def trainable_state(accelerator, model) -> dict:
+    """The trainable weights as whole CPU tensors on the main process (only there when sharded). Under FSDP every
+    process holds a shard of each, so every process must call this: torch's state-dict API gathers them."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    model = accelerator.unwrap_model(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    # torch 2.13 keeps a frozen tied weight (a tied LM head) under its second name: filter by name too
+    return {k: v for k, v in get_model_state_dict(model, options=options).items() if k in trainable}
+
+
+def load_trainable(accelerator, model, state: dict) -> None:
+    """Put whole trainable weights (trainable_state's) into `model`, sharding them where it is sharded; every process
+    passes the same `state`."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in accelerator.unwrap_model(model).modules():
+        if isinstance(module, FSDPModule):  # the root and the LM head stay gathered after an eval forward
+            module.reshard()
+    set_model_state_dict(accelerator.unwrap_model(model), state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
 def save_best(accelerator, model, run_dir: Path, step: int) -> None:
     """The trainable weights of `model` now, written atomically with their step (main process)."""
     from safetensors.torch import save_file
 
-    state = {n: p.detach().cpu().contiguous() for n, p in accelerator.unwrap_model(model).named_parameters()
-             if p.requires_grad}
+    state = {k: v.contiguous() for k, v in trainable_state(accelerator, model).items()}
     if accelerator.is_main_process:
         path = Path(run_dir) / "checkpoints" / BEST_WEIGHTS
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -88,9 +111,7 @@ def load_best(accelerator, model, run_dir: Path, step: int) -> None:
             raise UserError(f"{path} holds step {f.metadata().get('step')}, not the best step {step}: it was "
                             "overwritten by another run in this dir; start over without train.resume")
         state = {k: f.get_tensor(k) for k in f.keys()}
-    params = dict(accelerator.unwrap_model(model).named_parameters())
-    for name, tensor in state.items():
-        params[name].data.copy_(tensor)
+    load_trainable(accelerator, model, state)
 
 
 def save(accelerator, run_dir: Path, step: int, keep: int, extra: dict | None = None) -> Path:

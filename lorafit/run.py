@@ -65,12 +65,36 @@ def _accelerator(cfg, run_dir: Path):
     # auto: bf16 autocast where the GPU or CPU computes bf16 natively (AVX512-BF16, AMX), fp32 elsewhere
     accelerator = Accelerator(mixed_precision=resolve_precision(cfg.train.mixed_precision), log_with=backend,
                               project_dir=str(run_dir))
+    if _asks_for("FSDP") and accelerator.distributed_type == "MULTI_CPU":
+        _fsdp_on_cpu(accelerator)
     for engine in ("FSDP", "DEEPSPEED"):  # accelerate 1.15 falls back silently, e.g. to DDP on CPU processes
-        if os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() in ("1", "true") and accelerator.distributed_type != engine:
+        if _asks_for(engine) and accelerator.distributed_type != engine:
             raise UserError(f"the accelerate config asks for {engine}, but accelerate set up "
                             f"{accelerator.distributed_type.value} (it runs {engine} on GPUs only); on CPU processes "
                             "use conf/accelerate/cpu_ddp.yaml")
     return accelerator
+
+
+def _asks_for(engine: str) -> bool:
+    return os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() in ("1", "true")
+
+
+def _fsdp_on_cpu(accelerator) -> None:
+    """accelerate 1.15 sets up FSDP only on GPU-type devices, though torch's FSDP2 (`fully_shard`) runs on CPU
+    processes over gloo. Promote the MULTI_CPU state to FSDP, so prepare, clipping, state dicts and checkpoints go
+    through accelerate's own FSDP2 code: the path fsdp.yaml takes on GPUs."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables accelerate launch sets
+    if plugin.fsdp_version != 2:
+        raise UserError("FSDP on CPU processes needs fsdp_version: 2 in the accelerate config "
+                        "(see conf/accelerate/cpu_fsdp.yaml)")
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    state = AcceleratorState()
+    state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    state.fsdp_plugin = plugin
 
 
 WANDB_ID = "wandb_run_id"  # in the run dir: a resumed run logs into the same W&B run
@@ -99,6 +123,7 @@ def _quiet_libraries() -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # a line per file of every checkpoint under FSDP
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)  # int8 warns on every matmul
     # At import, on AVX512-BF16 CPUs: an optional fused 4-bit kernel lorafit never runs (models.one_4bit_compute_path).
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
@@ -170,13 +195,14 @@ def run(cfg, run_dir: Path | None = None) -> float:
         "best_step": result.best_step, "adapter_step": result.best_step if cfg.train.save_best else result.steps,
         "stopped_early": result.stopped_early,
         "skipped_steps": result.skipped_steps, "overflow_steps": result.overflow_steps,
-        "processes": accelerator.num_processes, "auto_rank": auto_rank, "peak_memory": _peak_memory(accelerator),
+        "processes": accelerator.num_processes,
+        "distributed": accelerator.distributed_type.value, "auto_rank": auto_rank, "peak_memory": _peak_memory(accelerator),
         "precision": PRECISION_NAMES[accelerator.mixed_precision], **_utilization(result, accelerator),
     }
+    trained = _model_for_hooks(model, cfg, splits.labels, accelerator)
     if accelerator.is_main_process:
         probe = data.collate([eval_ds[i] for i in range(min(8, len(eval_ds)))], tokenizer.pad_token_id)
-        ctx = hooks.RunContext(cfg, accelerator.unwrap_model(model), tokenizer, run_dir, accelerator, summary, probe,
-                               splits.labels)
+        ctx = hooks.RunContext(cfg, trained, tokenizer, run_dir, accelerator, summary, probe, splits.labels)
         hooks.run_hooks(ctx)
         summary["wall_s"] = time.perf_counter() - t_start
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -184,6 +210,26 @@ def run(cfg, run_dir: Path | None = None) -> float:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result.eval.get(metric, float("nan"))
+
+
+def _model_for_hooks(model, cfg, labels, accelerator):
+    """The trained model as the hooks, on the main process alone, see it. A sharded model (FSDP) needs every process
+    for a forward or a state dict: every process takes part in gathering the trained weights, and the main process
+    puts them into an unsharded copy built from the config (the frozen base is the config's, unchanged by training).
+    Returns None on the other processes."""
+    if accelerator.distributed_type != "FSDP":
+        return accelerator.unwrap_model(model)
+    from lorafit import adapters, checkpoint, models
+
+    state = checkpoint.trainable_state(accelerator, model)
+    if not accelerator.is_main_process:
+        return None
+    copy = adapters.attach_lora(models.build_model(cfg, labels), cfg)
+    missing = {n for n, p in copy.named_parameters() if p.requires_grad} - state.keys()
+    if missing:
+        raise RuntimeError(f"the gathered state lacks trained weights: {sorted(missing)[:3]}")
+    copy.load_state_dict(state, strict=False)
+    return copy.eval()
 
 
 def _auto_rank(cfg, run_dir: Path):

@@ -172,9 +172,12 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
             epoch, skip = epoch + 1, 0
 
     counter = FlopCounter(accelerator.unwrap_model(model))
-    stream, params = micro_batches(start * t.grad_accum), [p for p in model.parameters() if p.requires_grad]
+    # Clip over the model's whole parameter list (frozen ones have no grad): it is what accelerate recognizes to clip
+    # FSDP1 by the global norm; a list of the trainable ones alone gets each shard clipped by its own norm.
+    stream, params = micro_batches(start * t.grad_accum), list(model.parameters())
     res, t0, window, tokens = TrainResult(steps=start), time.perf_counter(), [], torch.zeros((), dtype=torch.long)
     bar = tqdm(total=total, initial=start, desc="train", disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    say = bar.write if accelerator.is_local_main_process else (lambda _: None)  # tqdm.write prints even when disabled
     for step in range(start + 1, total + 1):
         model.train()
         batches = [next(stream) for _ in range(t.grad_accum)]
@@ -222,7 +225,7 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
                 res.eval.update(extra(model, step))
             res.eval_s += time.perf_counter() - t_eval
             log.write(step, {f"eval/{k}": v for k, v in res.eval.items()})
-            bar.write(f"step {step}: " + "  ".join(f"eval/{k}={v:.4f}" if isinstance(v, float) else f"eval/{k}={v}"
+            say(f"step {step}: " + "  ".join(f"eval/{k}={v:.4f}" if isinstance(v, float) else f"eval/{k}={v}"
                                                    for k, v in res.eval.items()))
             if best.update(step, res.eval) and t.save_best:
                 checkpoint.save_best(accelerator, model, run_dir, step)
@@ -231,7 +234,7 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
         checkpoint.crash_point("step", step)
         res.steps = step
         if t.early_stopping_patience and best.evals_since >= t.early_stopping_patience:
-            bar.write(f"early stop at step {step}: {metric} has not improved on step {best.step}'s "
+            say(f"early stop at step {step}: {metric} has not improved on step {best.step}'s "
                       f"{best.value:.4f} for {best.evals_since} evaluations")
             res.stopped_early = True
             break
