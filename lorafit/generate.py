@@ -73,9 +73,9 @@ def prompt_text(tokenizer, turns: list[dict], raw: bool = False) -> str:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, temperature: float = 0.0,
-             top_p: float = 1.0, batch_size: int = 8, streamer=None) -> list[str]:
+             top_p: float = 1.0, batch_size: int = 8, streamer=None, synced: bool = False) -> list[str]:
     """Continuations of already-templated prompts, batched with left padding (so every row ends where its reply
-    starts); greedy when temperature is 0."""
+    starts); greedy when temperature is 0. `synced`: every process of a sharded (FSDP) model calls this together."""
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     device, out = next(model.parameters()).device, []
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
@@ -83,7 +83,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, te
         for i in range(0, len(prompts), batch_size):
             enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             ids = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 streamer=streamer, top_k=None, **sampling)
+                                 streamer=streamer, top_k=None, synced_gpus=synced, **sampling)
             out += tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
@@ -93,16 +93,21 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, te
 def generation_eval(rows: list[dict], tokenizer, cfg, accelerator, run_dir: Path):
     """eval.generate: a function (model, step) -> {exact_match, rouge_l} that generates replies to `rows` (greedy,
     on the main process), scores them against the references, and keeps the samples: generations.jsonl in the run
-    dir, and a prompt / reference / output table on W&B."""
+    dir, and a prompt / reference / output table on W&B. A sharded (FSDP) model needs every process in each forward:
+    there all processes generate the same replies, in step (transformers' synced_gpus)."""
     from lorafit import metrics
 
     prompts = [prompt_text(tokenizer, r["turns"]) for r in rows]
+    sharded = accelerator.distributed_type == "FSDP"
 
     def score(model, step: int) -> dict:
-        if not accelerator.is_main_process:
+        if not (accelerator.is_main_process or sharded):
             return {}
         with accelerator.autocast():  # the precision evaluation runs in
-            outputs = generate(accelerator.unwrap_model(model), tokenizer, prompts, cfg.eval.max_new_tokens)
+            outputs = generate(accelerator.unwrap_model(model), tokenizer, prompts, cfg.eval.max_new_tokens,
+                               synced=sharded)
+        if not accelerator.is_main_process:
+            return {}
         samples = [{"step": step, "prompt": p, "reference": r["reference"], "output": o}
                    for p, r, o in zip(prompts, rows, outputs)]
         with (run_dir / "generations.jsonl").open("a") as f:

@@ -61,6 +61,9 @@ def _accelerator(cfg, run_dir: Path):
 
     from lorafit.hardware import resolve_precision
 
+    if _asks_for("FSDP") and _asks_for("CPU") and os.environ.get("FSDP_VERSION") != "2":  # accelerate fails obscurely
+        raise UserError("FSDP on CPU processes needs fsdp_version: 2 in the accelerate config "
+                        "(see conf/accelerate/cpu_fsdp.yaml)")
     backend = None if cfg.logging.backend == "none" else cfg.logging.backend
     # auto: bf16 autocast where the GPU or CPU computes bf16 natively (AVX512-BF16, AMX), fp32 elsewhere
     accelerator = Accelerator(mixed_precision=resolve_precision(cfg.train.mixed_precision), log_with=backend,
@@ -75,8 +78,9 @@ def _accelerator(cfg, run_dir: Path):
     return accelerator
 
 
-def _asks_for(engine: str) -> bool:
-    return os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() in ("1", "true")
+def _asks_for(what: str) -> bool:
+    """Does the accelerate launch config ask for FSDP, DEEPSPEED or CPU (accelerate launch passes it as env vars)?"""
+    return os.environ.get(f"ACCELERATE_USE_{what}", "").lower() in ("1", "true")
 
 
 def _fsdp_on_cpu(accelerator) -> None:
@@ -87,9 +91,6 @@ def _fsdp_on_cpu(accelerator) -> None:
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables accelerate launch sets
-    if plugin.fsdp_version != 2:
-        raise UserError("FSDP on CPU processes needs fsdp_version: 2 in the accelerate config "
-                        "(see conf/accelerate/cpu_fsdp.yaml)")
     if accelerator.mixed_precision != "no":
         plugin.set_mixed_precision(accelerator.mixed_precision)
     state = AcceleratorState()

@@ -1,4 +1,5 @@
-"""Two real (gloo DDP) processes on CPU give what one process gives at the same global batch."""
+"""Two real gloo processes on CPU, through the shipped launch configs (cpu_ddp.yaml: DDP, cpu_fsdp.yaml: FSDP2), give
+what one process gives at the same global batch."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import subprocess
 import sys
 
 import torch
-from conftest import REPO, TINY_CLS, run_cli
+from conftest import REPO, TINY_CLS, TINY_LM, metrics_lines, run_cli
 from safetensors.torch import load_file
 
 COMMON = [*TINY_CLS, "train.max_steps=6", "lora.dropout=0.0", "model.dropout=0.0", "hooks=[save_adapter]",
@@ -16,12 +17,12 @@ COMMON = [*TINY_CLS, "train.max_steps=6", "lora.dropout=0.0", "model.dropout=0.0
           "train.lr=5e-3"]  # a realistic step (the tiny-model tests' 5e-2 amplifies summation-order noise to ~1e-6)
 
 
-def launch_two(*args, env: dict | None = None) -> subprocess.CompletedProcess:
-    # ACCELERATE_USE_CPU=1 with --multi_gpu is the only form that gives real DDP on CPU
+def launch_two(*args, env: dict | None = None, config: str = "cpu_ddp.yaml", timeout: int = 600) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file conf/accelerate/CONFIG -m lorafit ARGS`, 2 processes, as the README says."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lorafit", *args]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "conf" / "accelerate" / config),
+           "-m", "lorafit", *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=timeout)
 
 
 def test_ddp_two_processes_match_one_and_count_eval_rows_once(tmp_path):
@@ -63,15 +64,91 @@ def test_ddp_checkpoints_hold_every_process_state_and_resume_bitwise_after_sigki
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_an_fsdp_config_on_cpu_processes_is_refused_not_run_as_ddp(tmp_path):
-    """accelerate 1.15 sets up FSDP only on GPU-type devices: with ACCELERATE_USE_CPU=1 an FSDP config silently
-    becomes plain DDP (MULTI_CPU). lorafit says so instead of training something else than asked."""
-    config = tmp_path / "cpu_fsdp.yaml"
-    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nnum_machines: 1\n"
-                      "num_processes: 2\nmixed_precision: 'no'\nuse_cpu: true\nfsdp_config:\n  fsdp_version: 2\n")
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "lorafit",
-                          *COMMON, "train.batch_size=4", f"hydra.run.dir={tmp_path / 'run'}"],
-                         cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+FSDP_LM = [*TINY_LM, "train.max_steps=6", "lora.dropout=0.0", "train.lr=5e-3", "data.max_eval_samples=47",
+           "train.eval_batch_size=5"]
+
+
+def adapters_of(*dirs) -> list[dict]:
+    return [load_file(d / "adapter" / "adapter_model.safetensors") for d in dirs]
+
+
+def test_fsdp_two_processes_match_one_with_global_clipping_and_hooks_on_the_gathered_model(tmp_path):
+    """cpu_fsdp.yaml: batch 8 on each of 2 FSDP2 processes trains the adapter 1 process trains at batch 16, clipped by
+    the same (global) gradient norm; the hooks, on the main process, see the whole trained model and write once."""
+    args = [*FSDP_LM, "train.max_grad_norm=0.5", "hooks=[save_adapter,spectrum,merge]", "hooks.spectrum.plots=false"]
+    one = run_cli(*args, "train.batch_size=16", f"hydra.run.dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = launch_two(*args, "train.batch_size=8", f"hydra.run.dir={tmp_path / 'two'}", config="cpu_fsdp.yaml")
+    assert two.returncode == 0, two.stderr[-3000:]
+    s1, s2 = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+    assert (s2["distributed"], s2["processes"]) == ("FSDP", 2) and s1["processes"] == 1
+    assert s1["eval"]["n"] == s2["eval"]["n"] == 47
+    assert abs(s1["eval"]["loss"] - s2["eval"]["loss"]) < 1e-5
+    norms1, norms2 = ([l["train/grad_norm"] for l in metrics_lines(tmp_path / d) if "train/grad_norm" in l]
+                      for d in ("one", "two"))
+    assert len(norms1) == 6 and min(norms1) > 0.5  # every step was clipped ...
+    assert all(abs(a - b) <= 1e-5 * a for a, b in zip(norms1, norms2))  # ... by the norm over all shards
+    a, b = adapters_of(tmp_path / "one", tmp_path / "two")
+    assert a.keys() == b.keys() and len(a) == 28  # 7 target modules x 2 layers x (A, B)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), (k, (a[k] - b[k]).abs().max())
+    # the hooks ran once, on the gathered weights: the same spectrum, an exact merge, one summary printed
+    spec1, spec2 = (json.loads((tmp_path / d / "analysis" / "spectrum.json").read_text()) for d in ("one", "two"))
+    assert len(spec2["modules"]) == len(spec1["modules"]) == 14
+    for m1, m2 in zip(spec1["modules"], spec2["modules"]):
+        assert m1["name"] == m2["name"] and abs(m1["singular_values"][0] - m2["singular_values"][0]) < 1e-5
+    assert s2["merge"]["max_abs_diff_merged_vs_unmerged"] < 1e-4 and (tmp_path / "two" / "merged").is_dir()
+    assert two.stdout.count("done: 6 steps") == 1 and two.stdout.count("step 6: eval/loss") == 1
+
+
+def test_fsdp_resumes_after_sigkill_to_the_uninterrupted_adapter_and_puts_back_the_best(tmp_path):
+    """Checkpoints of a sharded model (torch DCP shards, through accelerate) resume bitwise after kill -9; and
+    train.save_best gathers the best weights and puts them back into the sharded model before the hooks."""
+    args = [*FSDP_LM, "train.batch_size=8", "train.save_every=2", "hooks=[save_adapter]"]
+    full = launch_two(*args, f"hydra.run.dir={tmp_path / 'full'}", config="cpu_fsdp.yaml")
+    assert full.returncode == 0, full.stderr[-3000:]
+    crashed = launch_two(*args, f"hydra.run.dir={tmp_path / 'crash'}", env={"LORAFIT_FAULT": "step:5"}, config="cpu_fsdp.yaml")
+    assert crashed.returncode != 0 and not (tmp_path / "crash" / "adapter").exists()
+    resumed = launch_two(*args, "train.resume=auto", f"hydra.run.dir={tmp_path / 'crash'}", config="cpu_fsdp.yaml")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "at step 4/6" in resumed.stdout
+    a, b = adapters_of(tmp_path / "full", tmp_path / "crash")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # a constant lr of 0.1 overshoots: the eval loss is lowest at step 7 of 10 and rises after it (by 0.012)
+    best = launch_two(*FSDP_LM, "train.batch_size=8", "train.max_steps=10", "train.lr=0.1", "train.scheduler=constant",
+                      "train.warmup_ratio=0", "train.eval_every=1", "train.save_best=true", "hooks=[save_adapter]",
+                      f"hydra.run.dir={tmp_path / 'best'}", config="cpu_fsdp.yaml")
+    assert best.returncode == 0, best.stderr[-3000:]
+    summary = json.loads((tmp_path / "best" / "summary.json").read_text())
+    assert summary["best_step"] == summary["adapter_step"] < 10
+    kept = load_file(tmp_path / "best" / "checkpoints" / "best.safetensors")
+    (saved,) = adapters_of(tmp_path / "best")
+    assert len(kept) == len(saved) == 28  # trainable weights only (not the frozen tied LM head)
+    assert all(torch.equal(kept[k], saved[k.replace(".default", "")]) for k in kept)
+    evals = {l["step"]: l["eval/loss"] for l in metrics_lines(tmp_path / "best") if "eval/loss" in l}
+    assert summary["eval"]["loss"] == evals[summary["best_step"]] < evals[10]
+
+
+def test_fsdp_generation_eval_runs_on_every_process_and_is_written_once(tmp_path, write_jsonl):
+    """eval.generate on a sharded model: each forward needs every process, so all generate in step (no hang)."""
+    rows = write_jsonl("t.jsonl", [{"prompt": "Say hello.", "response": "hello there friend"}] * 16)
+    out = launch_two("model=tiny-llama", "data=sft", f"data.train_file={rows}", "train.mixed_precision=no",
+                     "lora.target_modules=all-linear",
+                     "train.batch_size=2", "train.max_steps=4", "train.eval_every=2", "eval.generate=2",
+                     "eval.max_new_tokens=8", "hooks=[]", f"hydra.run.dir={tmp_path / 'run'}", config="cpu_fsdp.yaml",
+                     timeout=180)  # generating on the main process alone hangs: the others wait in another collective
+    assert out.returncode == 0, out.stderr[-3000:]
+    samples = [json.loads(l) for l in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [2, 2, 4, 4]
+    evals = [l for l in metrics_lines(tmp_path / "run") if "eval/gen_rouge_l" in l]
+    assert [l["step"] for l in evals] == [2, 4]
+
+
+def test_fsdp1_on_cpu_processes_is_refused_in_one_line(tmp_path):
+    """accelerate's FSDP1 has no CPU path ("no available devices"): FSDP on CPU processes means FSDP2, said so."""
+    config = tmp_path / "fsdp1.yaml"
+    config.write_text((REPO / "conf" / "accelerate" / "cpu_fsdp.yaml").read_text().replace("fsdp_version: 2", "fsdp_version: 1"))
+    out = launch_two(*COMMON, "train.batch_size=4", f"hydra.run.dir={tmp_path / 'run'}", config=str(config))
     assert out.returncode != 0 and not (tmp_path / "run" / "adapter").exists()
-    assert "lorafit: error: the accelerate config asks for FSDP, but accelerate set up MULTI_CPU" in out.stderr
+    assert "lorafit: error: FSDP on CPU processes needs fsdp_version: 2" in out.stderr
