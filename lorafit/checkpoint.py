@@ -65,8 +65,14 @@ BEST_WEIGHTS = "best.safetensors"  # checkpoints/best.safetensors: the trainable
 
 
 def trainable_state(accelerator, model) -> dict:
-    """The trainable weights as whole CPU tensors on the main process (only there when sharded). Under FSDP every
-    process holds a shard of each, so every process must call this: torch's state-dict API gathers them."""
+    """The trainable weights as whole fp32 CPU tensors, on the main process (only there when sharded). Under FSDP and
+    DeepSpeed every process holds a shard of them, or DeepSpeed's fp32 master copies, so every process must call
+    this: torch's state-dict API, or DeepSpeed's, gathers them."""
+    if accelerator.distributed_type == "DEEPSPEED":
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        named = [(n, p) for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad]
+        return {n: safe_get_full_fp32_param(p).cpu() for n, p in named}  # ZeRO-2's module may hold bf16 copies
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     model = accelerator.unwrap_model(model)
@@ -79,13 +85,21 @@ def trainable_state(accelerator, model) -> dict:
 def load_trainable(accelerator, model, state: dict) -> None:
     """Put whole trainable weights (trainable_state's) into `model`, sharding them where it is sharded; every process
     passes the same `state`."""
+    model = accelerator.unwrap_model(model)
+    if accelerator.distributed_type == "DEEPSPEED":  # into the fp32 masters, which trainable_state reads
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        for n, p in model.named_parameters():
+            if n in state:
+                safe_set_full_fp32_param(p, state[n])
+        return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import FSDPModule
 
-    for module in accelerator.unwrap_model(model).modules():
+    for module in model.modules():
         if isinstance(module, FSDPModule):  # the root and the LM head stay gathered after an eval forward
             module.reshard()
-    set_model_state_dict(accelerator.unwrap_model(model), state, options=StateDictOptions(full_state_dict=True, strict=False))
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def save_best(accelerator, model, run_dir: Path, step: int) -> None:
@@ -120,7 +134,8 @@ def save(accelerator, run_dir: Path, step: int, keep: int, extra: dict | None = 
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    deepspeed = accelerator.distributed_type == "DEEPSPEED"  # its engine writes the model: tell it to skip the base
+    accelerator.save_state(str(tmp), safe_serialization=True, **({"exclude_frozen_parameters": True} if deepspeed else {}))
     accelerator.wait_for_everyone()  # every process has written its RNG states into tmp before it is renamed
     crash_point("save", step)  # the state is on disk, but not yet marked complete nor renamed
     if accelerator.is_main_process:
@@ -164,7 +179,9 @@ def load(accelerator, path: Path) -> dict:
                         f"{accelerator.num_processes}; resume with the same count (accelerate launch --num_processes "
                         f"{state['processes']}), or start fresh without train.resume")
     try:
-        accelerator.load_state(str(path), strict=False)  # strict=False: the frozen base was never saved
+        # the frozen base was never saved: not strict (DeepSpeed's engine names the flag its own way)
+        accelerator.load_state(str(path), **({"load_module_strict": False} if accelerator.distributed_type == "DEEPSPEED"
+                                             else {"strict": False}))
     except (RuntimeError, ValueError, KeyError) as e:
         raise UserError(f"checkpoint {path} does not fit this run ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                         "was it written with another model, lora config or process count?") from None

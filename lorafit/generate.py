@@ -75,7 +75,7 @@ def prompt_text(tokenizer, turns: list[dict], raw: bool = False) -> str:
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, temperature: float = 0.0,
              top_p: float = 1.0, batch_size: int = 8, streamer=None, synced: bool = False) -> list[str]:
     """Continuations of already-templated prompts, batched with left padding (so every row ends where its reply
-    starts); greedy when temperature is 0. `synced`: every process of a sharded (FSDP) model calls this together."""
+    starts); greedy when temperature is 0. `synced`: every process of a sharded model calls this together."""
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     device, out = next(model.parameters()).device, []
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
@@ -93,12 +93,12 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, te
 def generation_eval(rows: list[dict], tokenizer, cfg, accelerator, run_dir: Path):
     """eval.generate: a function (model, step) -> {exact_match, rouge_l} that generates replies to `rows` (greedy,
     on the main process), scores them against the references, and keeps the samples: generations.jsonl in the run
-    dir, and a prompt / reference / output table on W&B. A sharded (FSDP) model needs every process in each forward:
-    there all processes generate the same replies, in step (transformers' synced_gpus)."""
+    dir, and a prompt / reference / output table on W&B. A sharded model (FSDP, DeepSpeed) needs every process in
+    each forward: there all processes generate the same replies, in step (transformers' synced_gpus)."""
     from lorafit import metrics
 
     prompts = [prompt_text(tokenizer, r["turns"]) for r in rows]
-    sharded = accelerator.distributed_type == "FSDP"
+    sharded = accelerator.distributed_type in ("FSDP", "DEEPSPEED")
 
     def score(model, step: int) -> dict:
         if not (accelerator.is_main_process or sharded):

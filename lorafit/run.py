@@ -58,6 +58,7 @@ def _sweep_group() -> str | None:
 
 def _accelerator(cfg, run_dir: Path):
     from accelerate import Accelerator
+    from accelerate.utils import GradientAccumulationPlugin
 
     from lorafit.hardware import resolve_precision
 
@@ -66,16 +67,34 @@ def _accelerator(cfg, run_dir: Path):
                         "(see conf/accelerate/cpu_fsdp.yaml)")
     backend = None if cfg.logging.backend == "none" else cfg.logging.backend
     # auto: bf16 autocast where the GPU or CPU computes bf16 natively (AVX512-BF16, AMX), fp32 elsewhere
+    # The train loop's micro-batches cross epoch ends: only the step count decides when gradients sync.
+    steps = GradientAccumulationPlugin(num_steps=cfg.train.grad_accum, sync_with_dataloader=False)
     accelerator = Accelerator(mixed_precision=resolve_precision(cfg.train.mixed_precision), log_with=backend,
-                              project_dir=str(run_dir))
-    if _asks_for("FSDP") and accelerator.distributed_type == "MULTI_CPU":
-        _fsdp_on_cpu(accelerator)
-    for engine in ("FSDP", "DEEPSPEED"):  # accelerate 1.15 falls back silently, e.g. to DDP on CPU processes
-        if _asks_for(engine) and accelerator.distributed_type != engine:
-            raise UserError(f"the accelerate config asks for {engine}, but accelerate set up "
-                            f"{accelerator.distributed_type.value} (it runs {engine} on GPUs only); on CPU processes "
-                            "use conf/accelerate/cpu_ddp.yaml")
+                              project_dir=str(run_dir), gradient_accumulation_plugin=steps)
+    for engine in ("FSDP", "DEEPSPEED"):
+        if not _asks_for(engine):
+            continue
+        if accelerator.distributed_type == "MULTI_CPU":
+            _engine_on_cpu(accelerator, engine)
+        launched = int(os.environ.get("WORLD_SIZE", 1))
+        # accelerate 1.15 can fall back silently: to DDP, or (DeepSpeed without use_cpu on a CPU machine) to a state
+        # that counts 1 process of 2
+        if accelerator.distributed_type != engine or accelerator.num_processes != launched:
+            raise UserError(f"the accelerate config asks for {engine} on {launched} processes, but accelerate set up "
+                            f"{accelerator.distributed_type.value} on {accelerator.num_processes}; on CPU processes "
+                            "launch with use_cpu: true and ACCELERATE_USE_CPU=1 (conf/accelerate/cpu_*.yaml)")
+    if accelerator.distributed_type == "DEEPSPEED":
+        _fill_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, cfg.train)
     return accelerator
+
+
+def _fill_deepspeed_config(ds: dict, t) -> None:
+    """The lorafit config decides what DeepSpeed's config would otherwise repeat (or leave "auto", which accelerate
+    can fill only from a prepared dataloader): micro-batch size, accumulation and clipping."""
+    ds["train_micro_batch_size_per_gpu"] = t.batch_size
+    ds["gradient_accumulation_steps"] = t.grad_accum
+    ds["gradient_clipping"] = t.max_grad_norm if t.max_grad_norm > 0 else 0.0
+    ds.pop("train_batch_size", None)  # recomputed by accelerate from the three
 
 
 def _asks_for(what: str) -> bool:
@@ -83,19 +102,28 @@ def _asks_for(what: str) -> bool:
     return os.environ.get(f"ACCELERATE_USE_{what}", "").lower() in ("1", "true")
 
 
-def _fsdp_on_cpu(accelerator) -> None:
-    """accelerate 1.15 sets up FSDP only on GPU-type devices, though torch's FSDP2 (`fully_shard`) runs on CPU
-    processes over gloo. Promote the MULTI_CPU state to FSDP, so prepare, clipping, state dicts and checkpoints go
-    through accelerate's own FSDP2 code: the path fsdp.yaml takes on GPUs."""
+def _engine_on_cpu(accelerator, engine: str) -> None:
+    """accelerate 1.15 sets up FSDP and DeepSpeed only on GPU-type devices, though torch's FSDP2 (`fully_shard`) and
+    DeepSpeed's CPU accelerator both run on CPU processes over gloo. Promote the MULTI_CPU state (which has the right
+    process count and process group) to the engine, so prepare, backward, clipping, state dicts and checkpoints go
+    through accelerate's own code for it: the path fsdp.yaml and deepspeed_zero*.yaml take on GPUs."""
     from accelerate.state import AcceleratorState, PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
 
-    plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables accelerate launch sets
-    if accelerator.mixed_precision != "no":
-        plugin.set_mixed_precision(accelerator.mixed_precision)
     state = AcceleratorState()
-    state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-    state.fsdp_plugin = plugin
+    if engine == "FSDP":
+        state.fsdp_plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables accelerate launch sets
+        if accelerator.mixed_precision != "no":
+            state.fsdp_plugin.set_mixed_precision(accelerator.mixed_precision)
+    else:
+        import deepspeed  # noqa: F401  (a clear ImportError before anything runs)
+
+        plugin = DeepSpeedPlugin()  # from the ACCELERATE_DEEPSPEED_* variables
+        plugin.set_mixed_precision(accelerator.mixed_precision)  # DeepSpeed runs its own precision, no autocast
+        plugin.select(_from_accelerator_state=True)
+        state.deepspeed_plugins, state._mixed_precision, accelerator.native_amp = plugin, "no", False
+        accelerator.deepspeed_engine_wrapped = None
+    state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType[engine]
 
 
 WANDB_ID = "wandb_run_id"  # in the run dir: a resumed run logs into the same W&B run
@@ -124,7 +152,8 @@ def _quiet_libraries() -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    logging.getLogger("accelerate").setLevel(logging.WARNING)  # a line per file of every checkpoint under FSDP
+    for name in ("accelerate", "DeepSpeed", "compilers"):  # a line per checkpoint file; DeepSpeed's op builds
+        logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)  # int8 warns on every matmul
     # At import, on AVX512-BF16 CPUs: an optional fused 4-bit kernel lorafit never runs (models.one_4bit_compute_path).
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
@@ -214,17 +243,21 @@ def run(cfg, run_dir: Path | None = None) -> float:
 
 
 def _model_for_hooks(model, cfg, labels, accelerator):
-    """The trained model as the hooks, on the main process alone, see it. A sharded model (FSDP) needs every process
-    for a forward or a state dict: every process takes part in gathering the trained weights, and the main process
-    puts them into an unsharded copy built from the config (the frozen base is the config's, unchanged by training).
-    Returns None on the other processes."""
-    if accelerator.distributed_type != "FSDP":
+    """The trained model as the hooks, on the main process alone, see it. A sharded model (FSDP, DeepSpeed ZeRO-3)
+    needs every process for a forward or a state dict, and DeepSpeed's module may hold bf16 copies of the fp32
+    weights: every process takes part in gathering the trained weights, and the main process puts them into an
+    unsharded copy built from the config (the frozen base is the config's, unchanged by training). Returns None on
+    the other processes."""
+    if accelerator.distributed_type not in ("FSDP", "DEEPSPEED"):
         return accelerator.unwrap_model(model)
     from lorafit import adapters, checkpoint, models
 
     state = checkpoint.trainable_state(accelerator, model)
     if not accelerator.is_main_process:
         return None
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # else from_pretrained partitions the copy with ZeRO-3 (a collective: it hangs)
     copy = adapters.attach_lora(models.build_model(cfg, labels), cfg)
     missing = {n for n, p in copy.named_parameters() if p.requires_grad} - state.keys()
     if missing:

@@ -15,7 +15,6 @@ import inspect
 import json
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,17 +183,20 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
         counts = [(b["labels"][:, 1:] != -100).sum() if task == "causal_lm" else torch.tensor(len(b["labels"])) for b in batches]
         n_global = accelerator.reduce(torch.stack(counts).sum().to(accelerator.device), "sum")
         step_loss = torch.zeros((), device=accelerator.device)
-        for i, batch in enumerate(batches):
-            # DDP averages gradients over processes; multiplying by nproc turns that average into our global sum.
-            with accelerator.no_sync(model) if i < t.grad_accum - 1 else nullcontext():
+        for batch in batches:
+            # accumulate(): gradients sync (DDP, FSDP) and DeepSpeed's engine steps on the step's last micro-batch only.
+            # DDP averages gradients over processes and accelerate / DeepSpeed divide each micro-batch's loss by
+            # train.grad_accum: multiplying by both turns those averages into our global sum.
+            with accelerator.accumulate(model):
                 losses, _ = loss_sum(model, batch, task)
-                accelerator.backward(losses.sum() * nproc / n_global)
+                accelerator.backward(losses.sum() * nproc * t.grad_accum / n_global)
             step_loss += losses.sum().detach()
             counter.attention(batch)
             res.samples += t.batch_size * nproc  # drop_last: every micro-batch is full
             # Non-pad tokens, as a tensor: no host sync per micro-batch. A packed batch has no padding at all.
             tokens += (batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()) * nproc
-        grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
+        # DeepSpeed clips inside its step (at train.max_grad_norm) and reports the norm as a float
+        grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf")))
         finite = bool(torch.isfinite(step_loss) and torch.isfinite(grad_norm))  # one host sync per step
         if not finite and accelerator.scaler is None:  # fp16's GradScaler handles its own overflows (below)
             if t.on_nonfinite == "stop":

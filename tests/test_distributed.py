@@ -1,5 +1,5 @@
-"""Two real gloo processes on CPU, through the shipped launch configs (cpu_ddp.yaml: DDP, cpu_fsdp.yaml: FSDP2), give
-what one process gives at the same global batch."""
+"""Two real gloo processes on CPU, through the shipped launch configs (cpu_ddp.yaml: DDP, cpu_fsdp.yaml: FSDP2,
+cpu_zero2.yaml / cpu_zero3.yaml: DeepSpeed), give what one process gives at the same global batch."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import REPO, TINY_CLS, TINY_LM, metrics_lines, run_cli
 from safetensors.torch import load_file
@@ -17,7 +18,7 @@ COMMON = [*TINY_CLS, "train.max_steps=6", "lora.dropout=0.0", "model.dropout=0.0
           "train.lr=5e-3"]  # a realistic step (the tiny-model tests' 5e-2 amplifies summation-order noise to ~1e-6)
 
 
-def launch_two(*args, env: dict | None = None, config: str = "cpu_ddp.yaml", timeout: int = 600) -> subprocess.CompletedProcess:
+def launch_two(*args, env: dict | None = None, config: str = "cpu_ddp.yaml", timeout: int = 300) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file conf/accelerate/CONFIG -m lorafit ARGS`, 2 processes, as the README says."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "conf" / "accelerate" / config),
@@ -130,19 +131,35 @@ def test_fsdp_resumes_after_sigkill_to_the_uninterrupted_adapter_and_puts_back_t
     assert summary["eval"]["loss"] == evals[summary["best_step"]] < evals[10]
 
 
-def test_fsdp_generation_eval_runs_on_every_process_and_is_written_once(tmp_path, write_jsonl):
+@pytest.mark.parametrize("config", ["cpu_fsdp.yaml", "cpu_zero3.yaml"])
+def test_generation_eval_on_a_sharded_model_runs_on_every_process_and_is_written_once(tmp_path, write_jsonl, config):
     """eval.generate on a sharded model: each forward needs every process, so all generate in step (no hang)."""
     rows = write_jsonl("t.jsonl", [{"prompt": "Say hello.", "response": "hello there friend"}] * 16)
     out = launch_two("model=tiny-llama", "data=sft", f"data.train_file={rows}", "train.mixed_precision=no",
                      "lora.target_modules=all-linear",
                      "train.batch_size=2", "train.max_steps=4", "train.eval_every=2", "eval.generate=2",
-                     "eval.max_new_tokens=8", "hooks=[]", f"hydra.run.dir={tmp_path / 'run'}", config="cpu_fsdp.yaml",
+                     "eval.max_new_tokens=8", "hooks=[]", f"hydra.run.dir={tmp_path / 'run'}", config=config,
                      timeout=180)  # generating on the main process alone hangs: the others wait in another collective
     assert out.returncode == 0, out.stderr[-3000:]
     samples = [json.loads(l) for l in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [2, 2, 4, 4]
     evals = [l for l in metrics_lines(tmp_path / "run") if "eval/gen_rouge_l" in l]
     assert [l["step"] for l in evals] == [2, 4]
+
+
+def test_fsdp_qlora_with_float_quant_storage_matches_one_process(tmp_path):
+    """QLoRA under FSDP2: nf4 weights stored as bfloat16 (quant.quant_storage) are sharded like the rest; with fp32
+    compute, 2 processes train the 1-process adapter, and the merge hook dequantizes the gathered copy exactly."""
+    args = [*FSDP_LM, "train.max_steps=3", "quant=nf4", "quant.quant_storage=bfloat16", "quant.compute_dtype=float32",
+            "hooks=[save_adapter,merge]"]
+    one = run_cli(*args, "train.batch_size=16", f"hydra.run.dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = launch_two(*args, "train.batch_size=8", f"hydra.run.dir={tmp_path / 'two'}", config="cpu_fsdp.yaml")
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = adapters_of(tmp_path / "one", tmp_path / "two")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5, rtol=0) for k in a)
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["distributed"] == "FSDP" and summary["merge"]["max_abs_diff_merged_vs_unmerged"] < 1e-4
 
 
 def test_fsdp1_on_cpu_processes_is_refused_in_one_line(tmp_path):
@@ -152,3 +169,52 @@ def test_fsdp1_on_cpu_processes_is_refused_in_one_line(tmp_path):
     out = launch_two(*COMMON, "train.batch_size=4", f"hydra.run.dir={tmp_path / 'run'}", config=str(config))
     assert out.returncode != 0 and not (tmp_path / "run" / "adapter").exists()
     assert "lorafit: error: FSDP on CPU processes needs fsdp_version: 2" in out.stderr
+
+
+def test_deepspeed_zero2_and_zero3_match_one_process_with_accumulation_and_hooks_on_the_gathered_weights(tmp_path):
+    """DeepSpeed on 2 CPU processes, batch 4 x 2 accumulated micro-batches each = 1 process at batch 16: the engine
+    steps once per step (not per micro-batch), clips by the global norm, and the hooks get the fp32 weights. ZeRO-3
+    runs with a persistence threshold of 0, so that every weight of the tiny model is really partitioned."""
+    args = [*FSDP_LM, "train.max_grad_norm=0.5", "hooks=[save_adapter,spectrum,merge]", "hooks.spectrum.plots=false"]
+    one = run_cli(*args, "train.batch_size=16", f"hydra.run.dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr[-2000:]
+    zero3 = tmp_path / "zero3.yaml"
+    (tmp_path / "zero3.json").write_text(json.dumps({
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}))
+    zero3.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\nnum_machines: 1\nnum_processes: 2\n"
+                     f"use_cpu: true\ndeepspeed_config:\n  deepspeed_config_file: {tmp_path / 'zero3.json'}\n"
+                     "  zero3_init_flag: true\n")  # cpu_zero3.yaml, with a DeepSpeed json instead of its keys
+    norms1 = [l["train/grad_norm"] for l in metrics_lines(tmp_path / "one") if "train/grad_norm" in l]
+    assert len(norms1) == 6 and min(norms1) > 0.5  # every step was clipped
+    (a,) = adapters_of(tmp_path / "one")
+    s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
+    for name, config in (("zero2", "cpu_zero2.yaml"), ("zero3", str(zero3))):
+        out = launch_two(*args, "train.batch_size=4", "train.grad_accum=2", f"hydra.run.dir={tmp_path / name}", config=config)
+        assert out.returncode == 0, out.stderr[-3000:]
+        s2 = json.loads((tmp_path / name / "summary.json").read_text())
+        assert (s2["distributed"], s2["processes"], s2["steps"]) == ("DEEPSPEED", 2, 6)
+        assert s2["eval"]["n"] == 47 and abs(s1["eval"]["loss"] - s2["eval"]["loss"]) < 1e-5
+        norms2 = [l["train/grad_norm"] for l in metrics_lines(tmp_path / name) if "train/grad_norm" in l]
+        assert all(abs(x - y) <= 1e-5 * x for x, y in zip(norms1, norms2)), (name, norms1, norms2)
+        (b,) = adapters_of(tmp_path / name)
+        assert a.keys() == b.keys() and all(b[k].dtype == torch.float32 for k in b)
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), (name, k, (a[k] - b[k]).abs().max())
+        assert s2["merge"]["max_abs_diff_merged_vs_unmerged"] < 1e-4 and (tmp_path / name / "analysis" / "spectrum.json").is_file()
+        assert out.stdout.count("done: 6 steps") == 1
+
+
+def test_deepspeed_zero3_resumes_after_sigkill_to_the_uninterrupted_adapter(tmp_path):
+    """DeepSpeed writes its own checkpoint (engine.save_checkpoint through accelerate, the frozen base left out); a
+    2-process ZeRO-3 run killed after step 5 resumes from step 4 to the uninterrupted adapter, bitwise."""
+    args = [*FSDP_LM, "train.batch_size=8", "train.save_every=2", "hooks=[save_adapter]"]
+    full = launch_two(*args, f"hydra.run.dir={tmp_path / 'full'}", config="cpu_zero3.yaml")
+    assert full.returncode == 0, full.stderr[-3000:]
+    crashed = launch_two(*args, f"hydra.run.dir={tmp_path / 'crash'}", env={"LORAFIT_FAULT": "step:5"}, config="cpu_zero3.yaml")
+    assert crashed.returncode != 0 and not (tmp_path / "crash" / "adapter").exists()
+    resumed = launch_two(*args, "train.resume=auto", f"hydra.run.dir={tmp_path / 'crash'}", config="cpu_zero3.yaml")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "at step 4/6" in resumed.stdout
+    a, b = adapters_of(tmp_path / "full", tmp_path / "crash")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
