@@ -102,24 +102,30 @@ def test_fsdp_two_processes_match_one_with_global_clipping_and_hooks_on_the_gath
     assert two.stdout.count("done: 6 steps") == 1 and two.stdout.count("step 6: eval/loss") == 1
 
 
-def test_fsdp_resumes_after_sigkill_to_the_uninterrupted_adapter_and_puts_back_the_best(tmp_path):
-    """Checkpoints of a sharded model (torch DCP shards, through accelerate) resume bitwise after kill -9; and
-    train.save_best gathers the best weights and puts them back into the sharded model before the hooks."""
+@pytest.mark.parametrize("config", ["cpu_fsdp.yaml", "cpu_zero3.yaml"])
+def test_a_sharded_run_resumes_after_sigkill_to_the_uninterrupted_adapter(tmp_path, config):
+    """Checkpoints of a sharded model (FSDP: torch DCP shards; DeepSpeed: its engine's checkpoint without the frozen
+    base; both through accelerate) resume bitwise: a 2-process run killed after step 5 resumes from step 4."""
     args = [*FSDP_LM, "train.batch_size=8", "train.save_every=2", "hooks=[save_adapter]"]
-    full = launch_two(*args, f"hydra.run.dir={tmp_path / 'full'}", config="cpu_fsdp.yaml")
+    full = launch_two(*args, f"hydra.run.dir={tmp_path / 'full'}", config=config)
     assert full.returncode == 0, full.stderr[-3000:]
-    crashed = launch_two(*args, f"hydra.run.dir={tmp_path / 'crash'}", env={"LORAFIT_FAULT": "step:5"}, config="cpu_fsdp.yaml")
+    crashed = launch_two(*args, f"hydra.run.dir={tmp_path / 'crash'}", env={"LORAFIT_FAULT": "step:5"}, config=config)
     assert crashed.returncode != 0 and not (tmp_path / "crash" / "adapter").exists()
-    resumed = launch_two(*args, "train.resume=auto", f"hydra.run.dir={tmp_path / 'crash'}", config="cpu_fsdp.yaml")
+    resumed = launch_two(*args, "train.resume=auto", f"hydra.run.dir={tmp_path / 'crash'}", config=config)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "at step 4/6" in resumed.stdout
     a, b = adapters_of(tmp_path / "full", tmp_path / "crash")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
+
+@pytest.mark.parametrize("config", ["cpu_fsdp.yaml", "cpu_zero3.yaml"])
+def test_save_best_on_a_sharded_model_gathers_the_best_weights_and_puts_them_back(tmp_path, config):
+    """train.save_best gathers the trainable weights at each new best and, at the end, puts them back into the sharded
+    model (FSDP: its shards; DeepSpeed: its fp32 masters), so the hooks save the best adapter, not the last."""
     # a constant lr of 0.1 overshoots: the eval loss is lowest at step 7 of 10 and rises after it (by 0.012)
     best = launch_two(*FSDP_LM, "train.batch_size=8", "train.max_steps=10", "train.lr=0.1", "train.scheduler=constant",
                       "train.warmup_ratio=0", "train.eval_every=1", "train.save_best=true", "hooks=[save_adapter]",
-                      f"hydra.run.dir={tmp_path / 'best'}", config="cpu_fsdp.yaml")
+                      f"hydra.run.dir={tmp_path / 'best'}", config=config)
     assert best.returncode == 0, best.stderr[-3000:]
     summary = json.loads((tmp_path / "best" / "summary.json").read_text())
     assert summary["best_step"] == summary["adapter_step"] < 10
@@ -203,18 +209,3 @@ def test_deepspeed_zero2_and_zero3_match_one_process_with_accumulation_and_hooks
             assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), (name, k, (a[k] - b[k]).abs().max())
         assert s2["merge"]["max_abs_diff_merged_vs_unmerged"] < 1e-4 and (tmp_path / name / "analysis" / "spectrum.json").is_file()
         assert out.stdout.count("done: 6 steps") == 1
-
-
-def test_deepspeed_zero3_resumes_after_sigkill_to_the_uninterrupted_adapter(tmp_path):
-    """DeepSpeed writes its own checkpoint (engine.save_checkpoint through accelerate, the frozen base left out); a
-    2-process ZeRO-3 run killed after step 5 resumes from step 4 to the uninterrupted adapter, bitwise."""
-    args = [*FSDP_LM, "train.batch_size=8", "train.save_every=2", "hooks=[save_adapter]"]
-    full = launch_two(*args, f"hydra.run.dir={tmp_path / 'full'}", config="cpu_zero3.yaml")
-    assert full.returncode == 0, full.stderr[-3000:]
-    crashed = launch_two(*args, f"hydra.run.dir={tmp_path / 'crash'}", env={"LORAFIT_FAULT": "step:5"}, config="cpu_zero3.yaml")
-    assert crashed.returncode != 0 and not (tmp_path / "crash" / "adapter").exists()
-    resumed = launch_two(*args, "train.resume=auto", f"hydra.run.dir={tmp_path / 'crash'}", config="cpu_zero3.yaml")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout and "at step 4/6" in resumed.stdout
-    a, b = adapters_of(tmp_path / "full", tmp_path / "crash")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
