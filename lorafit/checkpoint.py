@@ -28,7 +28,9 @@ def crash_point(point: str, step: int) -> None:
 
 
 def keep_only_trainable(accelerator, model) -> None:
-    """Make save_state write only trainable tensors: a LoRA checkpoint is megabytes, not the whole base model."""
+    """Make save_state write only trainable tensors: a LoRA checkpoint is megabytes, not the whole base model.
+    (DeepSpeed's engine writes its model itself: `save` tells it to leave the base out. FSDP's sharded checkpoint
+    holds the base's shards too: accelerate 1.15's save_state has no adapter-only switch.)"""
     trainable = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
 
     def drop_frozen(models, weights, output_dir):
@@ -62,6 +64,9 @@ class Best:
 
 
 BEST_WEIGHTS = "best.safetensors"  # checkpoints/best.safetensors: the trainable weights at Best.step
+
+
+SHARDED = ("FSDP", "DEEPSPEED")  # engines whose processes each hold part of the model (or of its fp32 weights)
 
 
 def trainable_state(accelerator, model) -> dict:

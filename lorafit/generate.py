@@ -95,10 +95,10 @@ def generation_eval(rows: list[dict], tokenizer, cfg, accelerator, run_dir: Path
     on the main process), scores them against the references, and keeps the samples: generations.jsonl in the run
     dir, and a prompt / reference / output table on W&B. A sharded model (FSDP, DeepSpeed) needs every process in
     each forward: there all processes generate the same replies, in step (transformers' synced_gpus)."""
-    from lorafit import metrics
+    from lorafit import checkpoint, metrics
 
     prompts = [prompt_text(tokenizer, r["turns"]) for r in rows]
-    sharded = accelerator.distributed_type in ("FSDP", "DEEPSPEED")
+    sharded = accelerator.distributed_type in checkpoint.SHARDED
 
     def score(model, step: int) -> dict:
         if not (accelerator.is_main_process or sharded):

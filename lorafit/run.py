@@ -66,9 +66,9 @@ def _accelerator(cfg, run_dir: Path):
         raise UserError("FSDP on CPU processes needs fsdp_version: 2 in the accelerate config "
                         "(see conf/accelerate/cpu_fsdp.yaml)")
     backend = None if cfg.logging.backend == "none" else cfg.logging.backend
-    # auto: bf16 autocast where the GPU or CPU computes bf16 natively (AVX512-BF16, AMX), fp32 elsewhere
     # The train loop's micro-batches cross epoch ends: only the step count decides when gradients sync.
     steps = GradientAccumulationPlugin(num_steps=cfg.train.grad_accum, sync_with_dataloader=False)
+    # auto: bf16 autocast where the GPU or CPU computes bf16 natively (AVX512-BF16, AMX), fp32 elsewhere
     accelerator = Accelerator(mixed_precision=resolve_precision(cfg.train.mixed_precision), log_with=backend,
                               project_dir=str(run_dir), gradient_accumulation_plugin=steps)
     for engine in ("FSDP", "DEEPSPEED"):
@@ -165,7 +165,7 @@ def run(cfg, run_dir: Path | None = None) -> float:
     """Train one adapter as `cfg` says; return the primary eval metric (what a sweeper optimizes)."""
     from accelerate.utils import set_seed
 
-    from lorafit import adapters, data, hooks, metrics, models, speed
+    from lorafit import adapters, checkpoint, data, hooks, metrics, models, speed
     from lorafit.train import MetricsLog, forgetting_eval, train
 
     t_start = time.perf_counter()
@@ -207,7 +207,7 @@ def run(cfg, run_dir: Path | None = None) -> float:
         extra_evals.append(generation_eval(data.generation_rows(splits.eval, cfg), tokenizer, cfg, accelerator, run_dir))
     if cfg.eval.forgetting_file:
         extra_evals.append(forgetting_eval(data.general_text(cfg, tokenizer), tokenizer.pad_token_id, cfg, accelerator))
-    sharded = accelerator.distributed_type in ("FSDP", "DEEPSPEED")
+    sharded = accelerator.distributed_type in checkpoint.SHARDED
     with speed.frozen_weights_in(model, accelerator.mixed_precision, sharded):
         result = train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir,
                        MetricsLog(run_dir / "metrics.jsonl", accelerator), extra_evals)
@@ -248,9 +248,10 @@ def _model_for_hooks(model, cfg, labels, accelerator):
     weights: every process takes part in gathering the trained weights, and the main process puts them into an
     unsharded copy built from the config (the frozen base is the config's, unchanged by training). Returns None on
     the other processes."""
-    if accelerator.distributed_type not in ("FSDP", "DEEPSPEED"):
-        return accelerator.unwrap_model(model)
     from lorafit import adapters, checkpoint, models
+
+    if accelerator.distributed_type not in checkpoint.SHARDED:
+        return accelerator.unwrap_model(model)
 
     state = checkpoint.trainable_state(accelerator, model)
     if not accelerator.is_main_process:
