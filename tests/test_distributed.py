@@ -168,13 +168,20 @@ def test_fsdp_qlora_with_float_quant_storage_matches_one_process(tmp_path):
     assert summary["distributed"] == "FSDP" and summary["merge"]["max_abs_diff_merged_vs_unmerged"] < 1e-4
 
 
-def test_fsdp1_on_cpu_processes_is_refused_in_one_line(tmp_path):
-    """accelerate's FSDP1 has no CPU path ("no available devices"): FSDP on CPU processes means FSDP2, said so."""
-    config = tmp_path / "fsdp1.yaml"
-    config.write_text((REPO / "conf" / "accelerate" / "cpu_fsdp.yaml").read_text().replace("fsdp_version: 2", "fsdp_version: 1"))
-    out = launch_two(*COMMON, "train.batch_size=4", f"hydra.run.dir={tmp_path / 'run'}", config=str(config))
-    assert out.returncode != 0 and not (tmp_path / "run" / "adapter").exists()
-    assert "lorafit: error: FSDP on CPU processes needs fsdp_version: 2" in out.stderr
+def test_launches_accelerate_would_run_as_something_else_are_refused_in_one_line(tmp_path):
+    """FSDP1 has no CPU path in accelerate ("no available devices"): FSDP on CPU processes means FSDP2. DeepSpeed
+    without use_cpu on a machine without a GPU: accelerate sets up DeepSpeed but counts 1 process of 2."""
+    fsdp1, no_cpu = tmp_path / "fsdp1.yaml", tmp_path / "zero2_no_cpu.yaml"
+    fsdp1.write_text((REPO / "conf" / "accelerate" / "cpu_fsdp.yaml").read_text().replace("fsdp_version: 2", "fsdp_version: 1"))
+    no_cpu.write_text((REPO / "conf" / "accelerate" / "cpu_zero2.yaml").read_text().replace("use_cpu: true", "use_cpu: false"))
+    for config, env, message in (
+            (fsdp1, {}, "lorafit: error: FSDP on CPU processes needs fsdp_version: 2"),
+            (no_cpu, {"ACCELERATE_USE_CPU": "0"}, "lorafit: error: the accelerate config asks for DEEPSPEED on 2 "
+                                                  "processes, but accelerate set up DEEPSPEED on 1")):
+        out = launch_two(*COMMON, "train.batch_size=4", f"hydra.run.dir={tmp_path / config.stem}", config=str(config),
+                         env=env)
+        assert out.returncode != 0 and not (tmp_path / config.stem / "adapter").exists()
+        assert message in out.stderr, out.stderr[-2000:]
 
 
 def test_deepspeed_zero2_and_zero3_match_one_process_with_accumulation_and_hooks_on_the_gathered_weights(tmp_path):
