@@ -26,6 +26,14 @@ def launch_two(*args, env: dict | None = None, config: str = "cpu_ddp.yaml", tim
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=timeout)
 
 
+def adapters_of(*dirs) -> list[dict]:
+    return [load_file(d / "adapter" / "adapter_model.safetensors") for d in dirs]
+
+
+def grad_norms(run_dir) -> list[float]:
+    return [l["train/grad_norm"] for l in metrics_lines(run_dir) if "train/grad_norm" in l]
+
+
 def test_ddp_two_processes_match_one_and_count_eval_rows_once(tmp_path):
     one = run_cli(*COMMON, "train.batch_size=8", "train.save_every=3", f"hydra.run.dir={tmp_path / 'one'}")
     assert one.returncode == 0, one.stderr[-2000:]
@@ -35,7 +43,7 @@ def test_ddp_two_processes_match_one_and_count_eval_rows_once(tmp_path):
     assert s2["processes"] == 2 and s1["processes"] == 1
     assert s1["eval"]["n"] == s2["eval"]["n"] == 47  # gathered without the duplicates that pad the last batch
     assert s1["eval"]["accuracy"] == s2["eval"]["accuracy"]
-    a, b = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("one", "two"))
+    a, b = adapters_of(tmp_path / "one", tmp_path / "two")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), (k, (a[k] - b[k]).abs().max())
@@ -61,16 +69,12 @@ def test_ddp_checkpoints_hold_every_process_state_and_resume_bitwise_after_sigki
     resumed = launch_two(*args, "train.resume=auto", f"hydra.run.dir={tmp_path / 'crash'}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "at step 4/6" in resumed.stdout
-    a, b = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("full", "crash"))
+    a, b = adapters_of(tmp_path / "full", tmp_path / "crash")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 FSDP_LM = [*TINY_LM, "train.max_steps=6", "lora.dropout=0.0", "train.lr=5e-3", "data.max_eval_samples=47",
            "train.eval_batch_size=5"]
-
-
-def adapters_of(*dirs) -> list[dict]:
-    return [load_file(d / "adapter" / "adapter_model.safetensors") for d in dirs]
 
 
 def test_fsdp_two_processes_match_one_with_global_clipping_and_hooks_on_the_gathered_model(tmp_path):
@@ -85,8 +89,7 @@ def test_fsdp_two_processes_match_one_with_global_clipping_and_hooks_on_the_gath
     assert (s2["distributed"], s2["processes"]) == ("FSDP", 2) and s1["processes"] == 1
     assert s1["eval"]["n"] == s2["eval"]["n"] == 47
     assert abs(s1["eval"]["loss"] - s2["eval"]["loss"]) < 1e-5
-    norms1, norms2 = ([l["train/grad_norm"] for l in metrics_lines(tmp_path / d) if "train/grad_norm" in l]
-                      for d in ("one", "two"))
+    norms1, norms2 = grad_norms(tmp_path / "one"), grad_norms(tmp_path / "two")
     assert len(norms1) == 6 and min(norms1) > 0.5  # every step was clipped ...
     assert all(abs(a - b) <= 1e-5 * a for a, b in zip(norms1, norms2))  # ... by the norm over all shards
     a, b = adapters_of(tmp_path / "one", tmp_path / "two")
@@ -198,7 +201,7 @@ def test_deepspeed_zero2_and_zero3_match_one_process_with_accumulation_and_hooks
     zero3.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\nnum_machines: 1\nnum_processes: 2\n"
                      f"use_cpu: true\ndeepspeed_config:\n  deepspeed_config_file: {tmp_path / 'zero3.json'}\n"
                      "  zero3_init_flag: true\n")  # cpu_zero3.yaml, with a DeepSpeed json instead of its keys
-    norms1 = [l["train/grad_norm"] for l in metrics_lines(tmp_path / "one") if "train/grad_norm" in l]
+    norms1 = grad_norms(tmp_path / "one")
     assert len(norms1) == 6 and min(norms1) > 0.5  # every step was clipped
     (a,) = adapters_of(tmp_path / "one")
     s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
@@ -208,7 +211,7 @@ def test_deepspeed_zero2_and_zero3_match_one_process_with_accumulation_and_hooks
         s2 = json.loads((tmp_path / name / "summary.json").read_text())
         assert (s2["distributed"], s2["processes"], s2["steps"]) == ("DEEPSPEED", 2, 6)
         assert s2["eval"]["n"] == 47 and abs(s1["eval"]["loss"] - s2["eval"]["loss"]) < 1e-5
-        norms2 = [l["train/grad_norm"] for l in metrics_lines(tmp_path / name) if "train/grad_norm" in l]
+        norms2 = grad_norms(tmp_path / name)
         assert all(abs(x - y) <= 1e-5 * x for x, y in zip(norms1, norms2)), (name, norms1, norms2)
         (b,) = adapters_of(tmp_path / name)
         assert a.keys() == b.keys() and all(b[k].dtype == torch.float32 for k in b)
