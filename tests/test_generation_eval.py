@@ -24,18 +24,36 @@ def test_generation_scores_by_hand():
 
 def test_a_memorized_reply_is_generated_exactly_and_logged(tmp_path, write_jsonl, monkeypatch):
     """Trained on one prompt/reply, greedy generation from the eval prompt gives the reply: the prompt is built the
-    way training rendered it, and the reply is cut at end of turn."""
+    way training rendered it, and the reply is cut at end of turn.
+
+    The exact-output assertion is only meaningful if the memorization has a margin: every reply token must win the
+    greedy argmax by far more than kernel differences between CPUs move a logit (at lr 3e-2 this once won by a
+    hair, and an EPYC's fp32 kernels, or MKL_ENABLE_INSTRUCTIONS=AVX2 on a Xeon, generated 'he there friend').
+    So it trains at a stable lr and first checks the teacher-forced margin of every target token."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     rows = [{"prompt": "Say hello.", "response": "hello there friend"}] * 40
     run_dir, summary = run_inprocess(tmp_path, *SFT, f"data.train_file={write_jsonl('t.jsonl', rows)}",
-                                     "train.max_steps=30", "train.eval_every=15", "eval.generate=2",
-                                     "eval.max_new_tokens=16", "logging=wandb")
+                                     "train.lr=1e-2", "train.max_steps=30", "train.eval_every=15", "eval.generate=2",
+                                     "eval.max_new_tokens=16", "logging=wandb", "hooks=[save_adapter]")
     evals = [l for l in metrics_lines(run_dir) if "eval/gen_rouge_l" in l]
     assert [l["step"] for l in evals] == [15, 30]
     samples = [json.loads(l) for l in (run_dir / "generations.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [15, 15, 30, 30]
     last = samples[2:]
+
+    from lorafit.generate import load
+
+    loaded = load(run_dir)
+    tok = loaded.tokenizer
+    prompt = tok(last[0]["prompt"], add_special_tokens=False)["input_ids"]
+    reply = tok("hello there friend" + tok.eos_token, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = loaded.model(input_ids=torch.tensor([prompt + reply])).logits[0, len(prompt) - 1:-1]
+    target = logits.gather(1, torch.tensor(reply)[:, None])[:, 0]
+    runner_up = logits.scatter(1, torch.tensor(reply)[:, None], float("-inf")).max(1).values
+    assert (target - runner_up).min() > 1.0, (target - runner_up).tolist()  # 2.84 on AMX and on AVX2 kernels
+
     assert [s["output"] for s in last] == ["hello there friend"] * 2 and last[0]["prompt"].endswith("<|assistant|>\n")
     assert summary["eval"]["gen_exact_match"] == 1.0 and summary["eval"]["gen_rouge_l"] == 1.0
     assert evals[-1]["eval/gen_rouge_l"] == generation([s["output"] for s in last], [s["reference"] for s in last])["rouge_l"]
