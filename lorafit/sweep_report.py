@@ -45,6 +45,7 @@ def collect(sweep_dir: Path) -> list[dict]:
                        metric_name=s["primary_metric"], metric=s["eval"].get(s["primary_metric"]),
                        trainable_params=s["trainable_params"], wall_s=s.get("wall_s"), samples_per_s=s.get("samples_per_s"))
         runs.append(job)
+    _settings(runs)
     return runs
 
 
@@ -52,18 +53,43 @@ def finished(runs: list[dict], method: str = "lora") -> list[dict]:
     return [r for r in runs if r["status"] == "done" and r.get("method") == method]
 
 
+RANK_KEYS = ("lora.r", "train.seed")  # what a rank sweep varies within one setting; every other override is the setting
+
+
+def _settings(runs: list[dict]) -> None:
+    """Each job's setting: its overrides other than rank and seed that not every job shares, e.g. "train.lr=0.001".
+    Runs that differ in them are not repeats of one another (a sweep over lr or alpha must not average them as if
+    they were seeds)."""
+    common = set.intersection(*(set(j["overrides"]) for j in runs)) if runs else set()
+    for j in runs:
+        j["setting"] = " ".join(sorted(o for o in j["overrides"]
+                                       if o not in common and o.split("=", 1)[0].lstrip("+~") not in RANK_KEYS))
+
+
+def setting(job: dict) -> str:
+    return job.get("setting", "")
+
+
 def recommend(runs: list[dict], tolerance: float) -> dict:
-    """The smallest r whose mean metric is within `tolerance` of the best rank's (relative for perplexity/loss)."""
+    """The smallest r whose mean metric over seeds, in some setting of the other swept keys, is within `tolerance` of
+    the best (setting, r) mean (relative for perplexity/loss); with the setting that reaches it."""
     lora = finished(runs)
     if not lora:
         return {}
     name = lora[0]["metric_name"]
-    means = {r: mean([x["metric"] for x in lora if x["r"] == r]) for r in sorted({x["r"] for x in lora})}
     higher = higher_is_better(name)
-    best = max(means.values()) if higher else min(means.values())
+    by = {}  # {setting: {r: mean over seeds}}
+    for s in sorted({setting(x) for x in lora}):
+        mine = [x for x in lora if setting(x) == s]
+        by[s] = {r: mean([x["metric"] for x in mine if x["r"] == r]) for r in sorted({x["r"] for x in mine})}
+    pick = max if higher else min
+    best = pick(m for means in by.values() for m in means.values())
     slack = tolerance if higher else tolerance * best
-    ok = [r for r, m in means.items() if (m >= best - slack if higher else m <= best + slack)]
-    return {"metric": name, "best": best, "tolerance": slack, "recommended_r": min(ok), "means": means}
+    ok = [(r, m, s) for s, means in by.items() for r, m in means.items() if (m >= best - slack if higher else m <= best + slack)]
+    r_rec = min(r for r, _, _ in ok)
+    chosen = pick([x for x in ok if x[0] == r_rec], key=lambda x: x[1])[2]
+    return {"metric": name, "best": best, "tolerance": slack, "recommended_r": r_rec, "setting": chosen,
+            "means": by[chosen], "settings": by}
 
 
 def _std(xs):
@@ -161,15 +187,19 @@ def _plots(runs, rec, spec, phi, out: Path) -> list[str]:
         images.append(save_figure(fig, out / filename, tight).name)
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    for s in rec["settings"]:  # one line per setting of the other swept keys: never averaged across them
+        rs = sorted(rec["settings"][s])
+        xs = [[x["metric"] for x in by_r[r] if setting(x) == s] for r in rs]
+        ax.errorbar(rs, [mean(v) for v in xs], yerr=[_std(v) for v in xs], marker="o", capsize=3,
+                    label=f"LoRA {s} (mean ± std over seeds)".replace("LoRA  (", "LoRA ("))
     means = [mean([x["metric"] for x in by_r[r]]) for r in ranks]
-    stds = [_std([x["metric"] for x in by_r[r]]) for r in ranks]
-    ax.errorbar(ranks, means, yerr=stds, marker="o", capsize=3, label="LoRA (mean ± std over seeds)")
     if full:
         m = mean([x["metric"] for x in full])
         ax.axhline(m, color="k", ls="--", lw=1, label=f"full fine-tuning ({m:.4f})")
     ax.axvline(rec["recommended_r"], color="tab:green", ls=":", label=f"recommended r={rec['recommended_r']}")
     ax.set(xscale="log", xlabel="LoRA rank r", ylabel=f"eval {name}", title=f"{name} against rank")
     ax.set_xticks(ranks, [str(r) for r in ranks])
+    ax.minorticks_off()  # a log axis would label 6×10^0 between the ranks
     ax.legend(fontsize=8)
     save(fig, "metric_vs_rank.png")
 
@@ -221,8 +251,11 @@ def _plots(runs, rec, spec, phi, out: Path) -> list[str]:
 def _markdown(runs, rec, spec, phi, advisor, images) -> str:
     lines = ["# Rank sweep", ""]
     if rec:
-        lines += [f"**Recommended rank: r={rec['recommended_r']}**, the smallest whose mean eval {rec['metric']} is within "
-                  f"{rec['tolerance']:.4g} of the best ({rec['best']:.4f})."]
+        many = len(rec["settings"]) > 1
+        lines += [f"**Recommended rank: r={rec['recommended_r']}**" + (f" (with {rec['setting']})" if many else "") +
+                  f", the smallest whose mean eval {rec['metric']} over seeds is within {rec['tolerance']:.4g} of the "
+                  f"best ({rec['best']:.4f})" + (f"; runs are grouped by their other overrides ({len(rec['settings'])} "
+                                                 "settings), never averaged across them." if many else ".")]
         if advisor and advisor.get("global_r"):
             g = advisor["global_r"]
             at_g = rec["means"].get(g)
@@ -230,13 +263,13 @@ def _markdown(runs, rec, spec, phi, advisor, images) -> str:
                       f"{advisor['energy']:.0%} of ΔW's energy" + (f"; the sweep measured {at_g:.4f} at r={g}." if at_g is not None
                                                                      else ".")]
         lines.append("")
-    lines += ["| run | method | r | seed | metric | trainable params | wall s | samples/s |",
-              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in sorted(runs, key=lambda x: (x.get("method") != "lora", x.get("r") or 0, x.get("seed") or 0)):
+    lines += ["| run | method | setting | r | seed | metric | trainable params | wall s | samples/s |",
+              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in sorted(runs, key=lambda x: (x.get("method") != "lora", setting(x), x.get("r") or 0, x.get("seed") or 0)):
         if r["status"] != "done":
-            lines.append(f"| {Path(r['run_dir']).name} | failed | | | | | | |")
+            lines.append(f"| {Path(r['run_dir']).name} | failed | {setting(r)} | | | | | | |")
             continue
-        lines.append(f"| {Path(r['run_dir']).name} | {r['method']} | {r['r'] if r['r'] is not None else '-'} | {r['seed']} | "
+        lines.append(f"| {Path(r['run_dir']).name} | {r['method']} | {setting(r)} | {r['r'] if r['r'] is not None else '-'} | {r['seed']} | "
                      f"{r['metric']:.4f} | {r['trainable_params']:,} | {r['wall_s']:.0f} | {r['samples_per_s']:.1f} |")
     if spec:
         lines += ["", "## ΔW spectrum by rank", "", "| r | module type | effective rank | r90 |", "| ---: | --- | ---: | ---: |"]

@@ -62,3 +62,30 @@ def test_sweep_report_cli_errors_cleanly(tmp_path):
 
     out = subprocess.run([sys.executable, "-m", "lorafit.sweep_report", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 2 and "no job dirs" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_sweep_report_groups_by_the_other_swept_keys_instead_of_averaging_them(tmp_path):
+    """r in {4, 16} x lr in {1e-3, 1e-5} x 2 seeds: the best runs are r=4 at lr 1e-3. Averaging over lr as if it were a
+    seed (the old report) ranked r=16 first, because r=16 suffers less at the bad lr."""
+    import yaml
+
+    from lorafit.sweep_report import write_report
+
+    acc = {(4, "0.001"): (0.96, 0.962), (16, "0.001"): (0.950, 0.952), (4, "1e-05"): (0.50, 0.52), (16, "1e-05"): (0.70, 0.72)}
+    n = 0
+    for (r, lr), per_seed in acc.items():
+        for seed, a in enumerate(per_seed):
+            job = tmp_path / str(n)
+            (job / ".hydra").mkdir(parents=True)
+            (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["model=tiny-bert", f"lora.r={r}", f"train.lr={lr}",
+                                                                           f"train.seed={seed}"]))
+            (job / "summary.json").write_text(json.dumps({"method": "lora", "lora_r": r, "seed": seed, "primary_metric": "accuracy",
+                                                          "eval": {"accuracy": a}, "trainable_params": 1000 * r, "wall_s": 1.0,
+                                                          "samples_per_s": 1.0}))
+            n += 1
+    report = write_report(tmp_path).read_text()
+    assert "**Recommended rank: r=4** (with train.lr=0.001)" in report and "(0.9610)" in report  # the mean of 2 seeds
+    assert "2 settings" in report and "| train.lr=1e-05 | 16 |" in report
+    jobs = json.loads((tmp_path / "sweep.json").read_text())["jobs"]
+    assert {j["setting"] for j in jobs} == {"train.lr=0.001", "train.lr=1e-05"}  # model=tiny-bert is common: not a setting
+    assert (tmp_path / "metric_vs_rank.png").stat().st_size > 5000
