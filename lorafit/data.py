@@ -140,7 +140,7 @@ def _train_eval_rows(cfg) -> tuple:
     d = cfg.data
     ev = _eval_rows(d)
     if ev is not None:
-        _check_columns(ev, cfg, _where(d, "eval"))
+        _check_source(ev, cfg, _where(d, "eval"))
     sources = [(src, f"data.mix[{i}]") for i, src in enumerate(d.mix)] if d.mix else [(d, "data")]
     parts, held = [], []
     for src, key in sources:
@@ -149,7 +149,7 @@ def _train_eval_rows(cfg) -> tuple:
         if d.mix and d.source == "sft":
             formats = sft_format(ds.column_names, d.format, key)
             ds = ds.map(lambda r: {"messages": conversation(r, formats)}, remove_columns=ds.column_names)
-        _check_columns(ds, cfg, where)
+        _check_source(ds, cfg, where)
         if ev is None:
             ds, out = _hold_out(ds, cfg, where)
             held.append(out)
@@ -211,7 +211,7 @@ def _read_file(path: str, key: str):
     return ds
 
 
-def _check_columns(ds, cfg, where: str) -> None:
+def _check_source(ds, cfg, where: str) -> None:
     """data=files: the text and label columns are there, and the labels fit the problem type."""
     from lorafit.metrics import problem_type
 
@@ -301,18 +301,11 @@ def tokenize(splits: Splits, tokenizer, cfg) -> tuple:
             encode = lambda batch: _encode_text(batch, splits.text_columns, tokenizer, max_len, task)
         enc = ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenize {name}")
         n_cut = sum(enc["truncated"])
-        if n_cut and cfg.data.source == "sft":
-            lost, long_reply = sum(enc["replies_lost"]), sum(enc["reply_cut"])
-            log.warning("%d of %d %s rows are longer than data.max_length=%d: cut from the left, so the last reply "
-                        "is kept%s%s", n_cut, len(enc), name, max_len,
-                        f" ({lost} earlier replies of multi-turn rows fell out)" if lost else "",
-                        f"; in {long_reply} the last reply alone is too long and keeps only its start" if long_reply else "")
-            enc = enc.remove_columns(["replies_lost", "reply_cut"])
-        elif n_cut:
-            log.warning("%d of %d %s rows are longer than data.max_length=%d and were truncated", n_cut, len(enc), name, max_len)
-        elif cfg.data.source == "sft":
-            enc = enc.remove_columns(["replies_lost", "reply_cut"])
-        enc = enc.remove_columns("truncated").filter(lambda r: r["n_loss"] > 0).remove_columns("n_loss")
+        if n_cut:
+            log.warning("%d of %d %s rows are longer than data.max_length=%d %s", n_cut, len(enc), name, max_len,
+                        _cut_how(enc))
+        bookkeeping = [c for c in ("truncated", "n_loss", "replies_lost", "reply_cut") if c in enc.column_names]
+        enc = enc.filter(lambda r: r["n_loss"] > 0).remove_columns(bookkeeping)
         if len(enc) == 0:
             raise UserError(f"no {name} row has any token to learn from (an assistant reply, or text beyond its "
                             "first token); check the data")
@@ -322,6 +315,16 @@ def tokenize(splits: Splits, tokenizer, cfg) -> tuple:
                         "no text after the first token", name, len(enc))
         out.append(enc)
     return tuple(out)
+
+
+def _cut_how(enc) -> str:
+    """How the rows were cut: text rows lose their end; SFT rows their start (see _sft_window)."""
+    if "reply_cut" not in enc.column_names:
+        return "and were truncated"
+    lost, long_reply = sum(enc["replies_lost"]), sum(enc["reply_cut"])
+    return ("and were cut from the left, so the last reply is kept"
+            + (f" ({lost} earlier replies of multi-turn rows fell out)" if lost else "")
+            + (f"; in {long_reply} the last reply alone is too long and keeps only its start" if long_reply else ""))
 
 
 def _encode_text(batch, cols, tokenizer, max_len: int, task: str) -> dict:
