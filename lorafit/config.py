@@ -29,6 +29,7 @@ MERGE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --d
 Task = StrEnum("Task", ["seq_cls", "causal_lm"])
 DataSource = StrEnum("DataSource", ["bbc_news", "glue", "files", "sft"])
 MixStrategy = StrEnum("MixStrategy", ["over", "under"])
+ProblemType = StrEnum("ProblemType", ["classification", "regression"])
 SftFormat = StrEnum("SftFormat", ["auto", "messages", "sharegpt", "alpaca", "prompt_response"])
 QuantMode = StrEnum("QuantMode", ["none", "int8", "nf4"])
 FloatDtype = StrEnum("FloatDtype", list(MERGE_DTYPES.values()))
@@ -82,6 +83,7 @@ class DataConfig:
     mix_strategy: MixStrategy = MixStrategy.over  # over: until every source is used up (small ones repeat); under: until the first is
     text_columns: List[str] = field(default_factory=lambda: ["text"])  # one column, or two for sentence pairs
     label_column: str = "label"
+    problem_type: Optional[ProblemType] = None  # data=files seq_cls; None: classes (float labels are refused until set)
     max_length: int = 128
     eval_size: int = 500  # held-out articles for bbc_news (a fixed split, independent of train.seed)
     max_train_samples: Optional[int] = None
@@ -311,6 +313,8 @@ def validate(cfg) -> None:
         errors.append(f"data.packing=true needs model.task=causal_lm (it is {m.task}); set data.packing=false")
     if d.source == "glue" and m.task != "seq_cls":
         errors.append("data.source=glue needs model.task=seq_cls")
+    if d.problem_type is not None and (d.source != "files" or m.task != "seq_cls"):
+        errors.append(f"data.problem_type={d.problem_type} is for data=files with model.task=seq_cls; unset it")
 
     if q.mode != "none":
         if importlib.util.find_spec("bitsandbytes") is None:

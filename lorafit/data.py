@@ -49,10 +49,8 @@ def load_splits(cfg) -> Splits:
     elif d.source == "glue":
         splits = _glue(d.task)
     else:  # files | sft: local files, a hub dataset, or a weighted mix of them
-        train, ev = _train_rows(d), _eval_rows(d)
-        splits = _files(train, ev, d, task) if d.source == "files" else Splits(train, ev, (), None)
-    if splits.eval is None:
-        splits = _hold_out(splits, d, "label" if task == "seq_cls" else None)
+        train, ev = _train_eval_rows(cfg)
+        splits = _files(train, ev, cfg) if d.source == "files" else Splits(train, ev, (), None)
     if task == "causal_lm":
         splits.labels = None
     for name, cap in (("train", d.max_train_samples), ("eval", d.max_eval_samples)):
@@ -67,21 +65,29 @@ def load_splits(cfg) -> Splits:
 SPLIT_SEED = 0  # the held-out split is the same whatever train.seed is, so runs over seeds compare on one eval set
 
 
-def _hold_out(splits: Splits, d, stratify: str | None) -> Splits:
-    """No data.eval_file: hold out data.eval_fraction of the training rows, stratified by label for classification."""
+def _hold_out(ds, cfg, where: str) -> tuple:
+    """No eval split given: hold out data.eval_fraction of one source's rows as (train, eval), stratified by
+    label for classification."""
     from datasets import ClassLabel
 
-    train = splits.train
-    if stratify is not None:
-        train = train.cast_column(stratify, ClassLabel(names=splits.labels))
+    from lorafit.metrics import problem_type
+
+    d = cfg.data
+    stratify = problem_type(cfg) == "classification" and d.label_column in ds.column_names
+    if stratify:  # datasets stratifies on a ClassLabel column: the label's class index, in the order _files gives
+        keys = [_label_key(v) for v in ds[d.label_column]]
+        classes = _class_order(keys)
+        index = {k: i for i, k in enumerate(classes)}
+        ds = ds.add_column("_stratum", [index[k] for k in keys]).cast_column("_stratum", ClassLabel(names=classes))
     try:
-        parts = train.train_test_split(test_size=d.eval_fraction, seed=SPLIT_SEED, stratify_by_column=stratify)
+        parts = ds.train_test_split(test_size=d.eval_fraction, seed=SPLIT_SEED, stratify_by_column="_stratum" if stratify else None)
     except ValueError as e:  # too few rows, or a class too small to appear on both sides
-        raise UserError(f"{_where(d)}: can't hold out data.eval_fraction={d.eval_fraction} of "
-                        f"{len(train)} rows ({str(e).splitlines()[0][:160]}); pass data.eval_file") from None
+        raise UserError(f"{where}: can't hold out data.eval_fraction={d.eval_fraction} of "
+                        f"{len(ds)} rows ({str(e).splitlines()[0][:160]}); pass data.eval_file") from None
     log.info("no data.eval_file: held out %d of %d rows of %s as the eval split (data.eval_fraction=%g%s)",
-             len(parts["test"]), len(train), "data.mix" if d.mix else _where(d), d.eval_fraction, ", stratified by label" if stratify else "")
-    return Splits(parts["train"], parts["test"], splits.text_columns, splits.labels)
+             len(parts["test"]), len(ds), where, d.eval_fraction, ", stratified by label" if stratify else "")
+    unstratum = lambda part: part.remove_columns("_stratum") if stratify else part
+    return unstratum(parts["train"]), unstratum(parts["test"])
 
 
 def _bbc_news(eval_size: int) -> Splits:
@@ -118,37 +124,50 @@ def _glue(task: str) -> Splits:
     return Splits(ds["train"], ds[eval_split], columns, labels)
 
 
-def _where(src, split: str = "train") -> str:
+def _where(src, split: str = "train", key: str = "data") -> str:
     """How an error names a source: the config key and its value."""
     if src.hf_dataset:
-        return f"data.hf_dataset={src.hf_dataset!r} (split {src.hf_eval_split if split == 'eval' else src.hf_split!r})"
-    return f"data.{split}_file={getattr(src, f'{split}_file')!r}"
+        return f"{key}.hf_dataset={src.hf_dataset!r} (split {src.hf_eval_split if split == 'eval' else src.hf_split!r})"
+    return f"{key}.{split}_file={getattr(src, f'{split}_file')!r}"
 
 
-def _train_rows(d):
-    """The training rows: one source, or data.mix's sources interleaved by weight (SFT sources are turned into
-    `messages` first, so a mix may combine formats)."""
-    if not d.mix:
-        return _hub(d, d.hf_split) if d.hf_dataset else _read_file(d.train_file, "data.train_file")
-    from datasets import interleave_datasets
+def _train_eval_rows(cfg) -> tuple:
+    """(train, eval) rows of one source or of data.mix's sources interleaved by weight (SFT sources are turned into
+    `messages` first, so a mix may combine formats). Without an eval split, each source holds out its own
+    data.eval_fraction *before* mixing: oversampling repeats training rows only, so no eval row is trained on."""
+    from datasets import concatenate_datasets, interleave_datasets
 
-    parts = []
-    for i, src in enumerate(d.mix):
-        ds = _hub(src, src.hf_split, f"data.mix[{i}]") if src.hf_dataset else _read_file(src.train_file, f"data.mix[{i}].train_file")
-        if d.source == "sft":
-            formats = sft_format(ds.column_names, d.format, f"data.mix[{i}]")
+    d = cfg.data
+    ev = _eval_rows(d)
+    if ev is not None:
+        _check_source(ev, cfg, _where(d, "eval"))
+    sources = [(src, f"data.mix[{i}]") for i, src in enumerate(d.mix)] if d.mix else [(d, "data")]
+    parts, held = [], []
+    for src, key in sources:
+        where = _where(src, "train", key)
+        ds = _hub(src, src.hf_split, key) if src.hf_dataset else _read_file(src.train_file, f"{key}.train_file")
+        if d.mix and d.source == "sft":
+            formats = sft_format(ds.column_names, d.format, key)
             ds = ds.map(lambda r: {"messages": conversation(r, formats)}, remove_columns=ds.column_names)
+        _check_source(ds, cfg, where)
+        if ev is None:
+            ds, out = _hold_out(ds, cfg, where)
+            held.append(out)
         parts.append(ds)
+    if not d.mix:
+        return parts[0], ev if ev is not None else held[0]
     total = sum(src.weight for src in d.mix)
     try:
         mixed = interleave_datasets(parts, probabilities=[src.weight / total for src in d.mix], seed=SPLIT_SEED,
                                     stopping_strategy=MIX_STOPPING[d.mix_strategy])
+        if ev is None:  # each source's held-out rows once, shuffled so data.max_eval_samples takes from all
+            ev = concatenate_datasets(held).shuffle(seed=SPLIT_SEED)
     except ValueError as e:  # e.g. sources whose columns differ
         raise UserError(f"data.mix: the sources can't be interleaved ({str(e).splitlines()[0][:200]}); give them "
                         "the same columns") from None
-    log.info("data.mix: %d rows from %s (weights %s, %s-sampled)", len(mixed), " + ".join(str(len(p)) for p in parts),
+    log.info("data.mix: %d train rows from %s (weights %s, %s-sampled)", len(mixed), " + ".join(str(len(p)) for p in parts),
              [src.weight for src in d.mix], d.mix_strategy)
-    return mixed
+    return mixed, ev
 
 
 MIX_STOPPING = {"over": "all_exhausted", "under": "first_exhausted"}  # LLaMA-Factory's interleave_over / _under
@@ -192,37 +211,85 @@ def _read_file(path: str, key: str):
     return ds
 
 
-def _files(train, ev, d, task: str) -> Splits:
+def _check_source(ds, cfg, where: str) -> None:
+    """data=files: the text and label columns are there, and the labels fit the problem type."""
+    from lorafit.metrics import problem_type
+
+    d, task = cfg.data, cfg.model.task
+    if d.source != "files":
+        return
     needed = list(d.text_columns) + ([d.label_column] if task == "seq_cls" else [])
-    for ds, split in ((train, "train"), (ev, "eval")):
-        missing = [c for c in needed if c not in ds.column_names] if ds is not None else []
-        if missing:
-            which = "data.label_column" if missing == [d.label_column] else "data.text_columns"
-            where = "data.mix" if d.mix and split == "train" else _where(d, split)
-            raise UserError(f"{where} has no column {', '.join(map(repr, missing))} "
-                            f"(set {which}); its columns are: {', '.join(ds.column_names)}")
-    if task == "causal_lm":
-        return Splits(train, ev, tuple(d.text_columns), None)
-    # The label set is read from the training data; ints keep numeric order, anything else sorts as text.
-    values = sorted(set(train[d.label_column]), key=lambda v: (isinstance(v, str), v))
-    if any(v is None for v in values):
-        raise UserError(f"{_where(d)}: column {d.label_column!r} has empty labels")
-    if len(values) < 2:
-        raise UserError(f"{_where(d)}: column {d.label_column!r} holds one label ({values[0]!r}); "
-                        "classification needs at least two (is data.label_column the right column?)")
-    index = {v: i for i, v in enumerate(values)}
-    unknown = sorted({str(v) for v in ev[d.label_column]} - {str(v) for v in values}) if ev is not None else []
-    if unknown:
-        raise UserError(f"{_where(d, 'eval')}: labels {unknown[:5]} are not in the training label set "
-                        f"{[str(v) for v in values][:20]}")
+    missing = [c for c in needed if c not in ds.column_names]
+    if missing:
+        which = "data.label_column" if missing == [d.label_column] else "data.text_columns"
+        raise UserError(f"{where} has no column {', '.join(map(repr, missing))} "
+                        f"(set {which}); its columns are: {', '.join(ds.column_names)}")
+    if task != "seq_cls":
+        return
+    values, col = ds[d.label_column], d.label_column
+    if any(v is None or v != v for v in values):  # v != v: NaN, what pandas reads an empty csv cell as
+        raise UserError(f"{where}: column {col!r} has empty labels")
+    if problem_type(cfg) == "regression":
+        bad = next((v for v in values if not _is_number(v)), None)
+        if bad is not None:
+            raise UserError(f"{where}: data.problem_type=regression needs numbers in column {col!r}, not {bad!r}")
+    elif d.problem_type is None:
+        frac = next((v for v in values if isinstance(v, float)), None)
+        if frac is not None:  # e.g. STS-B scores exported to csv: as classes, every distinct score would be one
+            raise UserError(f"{where}: column {col!r} holds float labels (e.g. {frac!r}): set "
+                            "data.problem_type=regression to fit a score, or data.problem_type=classification "
+                            "to make each value a class")
+
+
+def _label_key(v) -> str:
+    """A class label as text: 1 in a csv and "1" in a jsonl are one class, whichever file holds which."""
+    return str(v)
+
+
+def _is_number(v) -> bool:
+    try:
+        float(v)
+    except (TypeError, ValueError):
+        return False
+    return not isinstance(v, bool)
+
+
+def _class_order(keys) -> list[str]:
+    """Class ids: labels that are numbers in numeric order, then the rest alphabetically."""
+    return sorted(set(keys), key=lambda k: (0, float(k), k) if _is_number(k) else (1, 0.0, k))
+
+
+def _files(train, ev, cfg) -> Splits:
+    from lorafit.metrics import problem_type
+
+    d, col = cfg.data, cfg.data.label_column
+    columns = tuple(d.text_columns)
+    if cfg.model.task == "causal_lm":
+        return Splits(train, ev, columns, None)
     # Into a fresh column: mapping onto an existing string `label` column would keep its string dtype.
-    relabel = lambda ds: ds.map(lambda r: {"_label_id": index[r[d.label_column]]},
-                                remove_columns=[d.label_column]).rename_column("_label_id", "label")
-    return Splits(relabel(train), relabel(ev) if ev is not None else None, tuple(d.text_columns), [str(v) for v in values])
+    relabel = lambda ds, f: ds.map(lambda r: {"_label": f(r[col])}, remove_columns=[col]).rename_column("_label", "label")
+    if problem_type(cfg) == "regression":
+        log.info("data.problem_type=regression: a one-output head fits column %r (MSE loss; eval pearson, spearman, "
+                 "mse)", col)
+        return Splits(relabel(train, float), relabel(ev, float), columns, ["score"])
+    classes = _class_order(_label_key(v) for v in train[col])  # the label set is read from the training rows
+    if len(classes) < 2:
+        raise UserError(f"{'data.mix' if d.mix else _where(d)}: column {col!r} holds one label ({classes[0]!r}); "
+                        "classification needs at least two (is data.label_column the right column?)")
+    unknown = sorted({_label_key(v) for v in ev[col]} - set(classes))
+    if unknown:
+        raise UserError(f"{_where(d, 'eval')}: labels {unknown[:5]} are not in the training label set {classes[:20]} "
+                        "(labels match as text: 1 and \"1\" are one class)")
+    index = {k: i for i, k in enumerate(classes)}
+    log.info("classification over %d classes of column %r: %s (set data.problem_type=regression for a score)",
+             len(classes), col, ", ".join(classes[:20]) + (", ..." if len(classes) > 20 else ""))
+    to_id = lambda v: index[_label_key(v)]
+    return Splits(relabel(train, to_id), relabel(ev, to_id), columns, classes)
 
 
 def tokenize(splits: Splits, tokenizer, cfg) -> tuple:
-    """Tokenize both splits (truncating to data.max_length, with a warning that counts the rows cut)."""
+    """Tokenize both splits, cutting rows to data.max_length. One warning counts the rows cut, another the rows
+    dropped for having no token to learn from (and what is left of the split)."""
     max_len, task = cfg.data.max_length, cfg.model.task
     out = []
     for name in ("train", "eval"):
@@ -235,12 +302,29 @@ def tokenize(splits: Splits, tokenizer, cfg) -> tuple:
         enc = ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenize {name}")
         n_cut = sum(enc["truncated"])
         if n_cut:
-            log.warning("%d of %d %s rows are longer than data.max_length=%d and were truncated", n_cut, len(enc), name, max_len)
-        enc = enc.remove_columns("truncated").filter(lambda r: r["n_loss"] > 0).remove_columns("n_loss")
+            log.warning("%d of %d %s rows are longer than data.max_length=%d %s", n_cut, len(enc), name, max_len,
+                        _cut_how(enc))
+        bookkeeping = [c for c in ("truncated", "n_loss", "replies_lost", "reply_cut") if c in enc.column_names]
+        enc = enc.filter(lambda r: r["n_loss"] > 0).remove_columns(bookkeeping)
         if len(enc) == 0:
-            raise UserError(f"no {name} row has any token to learn from after truncation; raise data.max_length")
+            raise UserError(f"no {name} row has any token to learn from (an assistant reply, or text beyond its "
+                            "first token); check the data")
+        if len(enc) < len(ds):
+            log.warning("%d of %d %s rows have no token to learn from (%s) and were dropped: the %s split has %d rows",
+                        len(ds) - len(enc), len(ds), name, "no assistant reply" if cfg.data.source == "sft" else
+                        "no text after the first token", name, len(enc))
         out.append(enc)
     return tuple(out)
+
+
+def _cut_how(enc) -> str:
+    """How the rows were cut: text rows lose their end; SFT rows their start (see _sft_window)."""
+    if "reply_cut" not in enc.column_names:
+        return "and were truncated"
+    lost, long_reply = sum(enc["replies_lost"]), sum(enc["reply_cut"])
+    return ("and were cut from the left, so the last reply is kept"
+            + (f" ({lost} earlier replies of multi-turn rows fell out)" if lost else "")
+            + (f"; in {long_reply} the last reply alone is too long and keeps only its start" if long_reply else ""))
 
 
 def _encode_text(batch, cols, tokenizer, max_len: int, task: str) -> dict:
@@ -375,20 +459,39 @@ def _sft_segments(turns: list[dict], tokenizer) -> list[tuple[str, bool]]:
 
 def _encode_sft(batch, tokenizer, max_len: int, formats: tuple[str, ...]) -> dict:
     rows = [dict(zip(batch, vals)) for vals in zip(*batch.values())]
-    out = {"input_ids": [], "attention_mask": [], "labels": [], "truncated": [], "n_loss": []}
+    out = {"input_ids": [], "attention_mask": [], "labels": [], "truncated": [], "n_loss": [], "replies_lost": [],
+           "reply_cut": []}
     for row in rows:
-        ids, labels = [], []
+        ids, labels, replies = [], [], []  # replies: (start, end) token span of each assistant reply
         for text, trains in _sft_segments(conversation(row, formats), tokenizer):
             piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if trains:
+                replies.append((len(ids), len(ids) + len(piece)))
             ids += piece
             labels += piece if trains else [-100] * len(piece)
+        lo, hi = _sft_window(len(ids), replies[-1] if replies else None, max_len)
         out["truncated"].append(len(ids) > max_len)
-        ids, labels = ids[:max_len], labels[:max_len]
+        out["replies_lost"].append(sum(end <= lo + 1 for _, end in replies[:-1]))  # none of its tokens predicted
+        out["reply_cut"].append(bool(replies) and replies[-1][1] > hi)
+        ids, labels = ids[lo:hi], labels[lo:hi]
         out["input_ids"].append(ids)
         out["attention_mask"].append([1] * len(ids))
         out["labels"].append(labels)
         out["n_loss"].append(sum(l != -100 for l in labels[1:]))  # the first token is never predicted
     return out
+
+
+def _sft_window(n: int, last_reply: tuple[int, int] | None, max_len: int) -> tuple[int, int]:
+    """The [lo, hi) tokens of an SFT row kept within max_len. Cutting the end would cut the last reply, so a long
+    row loses its start (system prompt, early turns) instead: it keeps the last reply whole, with as much of the
+    conversation before it as fits (turns after it carry no loss and go first). A last reply that can't fit with
+    one token before it (its first token is predicted from that one) keeps its start, after the last
+    max_len // 2 tokens of its prompt, so it still trains in context."""
+    if n <= max_len or last_reply is None:
+        return 0, min(n, max_len)
+    start, end = last_reply
+    lo = max(0, end - max_len) if end - start < max_len else max(0, start - max_len // 2)
+    return lo, lo + max_len
 
 
 def collate(rows: list[dict], pad_id: int, pack: bool = False) -> dict[str, torch.Tensor]:

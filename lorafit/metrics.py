@@ -23,6 +23,8 @@ def problem_type(cfg) -> str:
     """language_model | regression | classification: the one place that decides it (head, loss, metrics)."""
     if cfg.model.task == "causal_lm":
         return "language_model"
+    if cfg.data.get("problem_type") is not None:  # data=files: the user's choice (float labels are refused without it)
+        return str(cfg.data.problem_type)
     return "regression" if cfg.data.source == "glue" and cfg.data.task == "stsb" else "classification"
 
 

@@ -183,5 +183,5 @@ def test_mix_interleaves_sources_of_different_formats_by_weight(write_jsonl):
     assert 0.18 < share < 0.32  # sampled at weight 1 / (3 + 1), small source repeated
     under = load_splits(compose("model=tiny-llama", "data=sft", mix, "data.mix_strategy=under", "data.eval_fraction=0.1"))
     assert len(under.train) + len(under.eval) < 60  # stops when the small source runs out
-    with pytest.raises(UserError, match="data.mix has no column 'text'"):
+    with pytest.raises(UserError, match="data.mix\\[0\\].train_file=.* has no column .text."):
         load_splits(compose("model=tiny-bert", "data=files", f"data.mix=[{{train_file: {alpaca}}}]"))
