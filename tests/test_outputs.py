@@ -217,6 +217,7 @@ def test_logits_of_a_model_prepared_for_bf16_are_its_fp32_logits(lm_runs):
     """logits() calls the forward accelerate wrapped in autocast unwrapped, leaving the model as it was; a reference
     that is not the trained model is still refused."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from transformers import AutoModelForCausalLM
 
     from conftest import compose
@@ -225,6 +226,7 @@ def test_logits_of_a_model_prepared_for_bf16_are_its_fp32_logits(lm_runs):
 
     probe = {"input_ids": torch.randint(5, 500, (2, 12), generator=torch.Generator().manual_seed(0))}
     fp32 = AutoModelForCausalLM.from_pretrained(resolve("tiny-llama"))
+    AcceleratorState._reset_state()  # lm_runs may have just set up accelerate's singleton for an fp32 run
     prepared = Accelerator(cpu=True, mixed_precision="bf16").prepare(AutoModelForCausalLM.from_pretrained(resolve("tiny-llama")))
     with torch.no_grad():
         autocast = prepared(**probe).logits.float()
