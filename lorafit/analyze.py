@@ -27,6 +27,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def compare_labels(paths: list[str]) -> list[str]:
+    """One distinct label per --compare path: its last folder name (a run dir's, for RUN/adapter), with as many
+    parent names before it (joined by "-", as labels name files) as it takes to tell the paths apart, so that
+    multirun/A/0/adapter and multirun/B/0/adapter are A-0 and B-0, not both 0 with one of them dropped."""
+    parts = [Path(p).resolve().parts[1:] for p in paths]  # without the root "/"
+    parts = [p[:-1] if p[-1:] == ("adapter",) and len(p) > 1 else p for p in parts]
+    for n in range(1, max(map(len, parts), default=0) + 1):
+        labels = ["-".join(p[-n:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [f"{p[-1]}-{i}" for i, p in enumerate(parts)]  # the same adapter given more than once
+
+
 @user_errors_as_one_line
 def main(argv=None) -> Path:
     from lorafit.analysis import base as base_weights
@@ -42,10 +55,8 @@ def main(argv=None) -> Path:
         raise UserError(f"--intruder-k={args.intruder_k} must be >= 1 and --intruder-eps={args.intruder_eps} in (0, 1)")
     path = Path(args.path)
     config, state = read_adapter(path, allow_pickle=args.allow_pickle)
-    compare = {}
-    for other in args.compare:
-        label = Path(other).name if Path(other).name != "adapter" else Path(other).parent.name
-        compare[label] = read_adapter(other, allow_pickle=args.allow_pickle)
+    compare = {label: read_adapter(other, allow_pickle=args.allow_pickle)
+               for label, other in zip(compare_labels(args.compare), args.compare)}
     base = base_weights.from_dir(args.base, config.get("fan_in_fan_out", False)) if args.base else None
     doc = analyze(config, state, args.energy, base=base, compare=compare, intruders=(args.intruder_k, args.intruder_eps),
                   svd_cache=cache_dir() / "base_svd")  # W0's singular vectors, reused for every adapter on this base

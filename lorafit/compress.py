@@ -1,7 +1,7 @@
 """SVD for inference: replace dense Linear weights by two thin factors where that saves parameters.
 
 `python -m lorafit.compress MODEL_DIR --out DIR (--energy 0.9 | --rank R) [--method exact|randomized]
- [--modules REGEX] [--eval RECIPE]`
+ [--modules REGEX] [--eval RECIPE] [--overwrite]`
 
 By Eckart–Young the best rank-k approximation of W keeps its top k singular triplets, with relative error
 ‖W - W_k‖_F / ‖W‖_F = sqrt(Σ_{i>k} σᵢ²) / ‖W‖_F. A d_out×d_in module becomes LowRankLinear(k) only when
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lorafit.cli import user_errors_as_one_line
-from lorafit.errors import UserError, atomic_dir
+from lorafit.errors import UserError, atomic_dir, check_output
 
 PLAN_FILE = "lowrank.json"
 SKIP = re.compile(r"(^|\.)(classifier|score|lm_head|out_proj)(\.|$)")  # task heads stay dense
@@ -139,6 +139,7 @@ def parse_args(argv=None):
     p.add_argument("--modules", help="regex over module names (default: every Linear except task heads)")
     p.add_argument("--task", default=None, choices=["seq_cls", "causal_lm"], help="default: from the model's config")
     p.add_argument("--eval", metavar="RECIPE", help="report the recipe's eval metric before and after")
+    p.add_argument("--overwrite", action="store_true", help="replace --out even if it is not empty and not a compressed model")
     return p.parse_args(argv)
 
 
@@ -154,6 +155,7 @@ def main(argv=None) -> dict:
     if args.rank is not None and args.rank <= 0:
         raise UserError(f"--rank={args.rank} must be a positive integer")
     src = resolve(args.model)
+    out = check_output(Path(args.out), "compressed", [src], args.overwrite)  # before any work, never over the model
     config = AutoConfig.from_pretrained(src)
     task = args.task or ("causal_lm" if any(a.endswith("ForCausalLM") for a in config.architectures or []) else "seq_cls")
     model = auto_class(task).from_pretrained(src, use_safetensors=True).eval()
@@ -162,8 +164,7 @@ def main(argv=None) -> dict:
     report["task"] = task
     if args.eval:
         report["eval"] = {"recipe": args.eval, "before": before, "after": _evaluate(model, args.eval, src)}
-    out = Path(args.out)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(Path(args.out), "compressed", [src], args.overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)  # config.json + model.safetensors (LowRankLinear weights)
         for f in Path(src).glob("*token*"):
             shutil.copy2(f, tmp / f.name)

@@ -11,7 +11,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from lorafit import adapters
-from lorafit.errors import atomic_dir
+from lorafit.errors import atomic_dir, check_output
 from lorafit.metrics import mean
 
 
@@ -27,11 +27,36 @@ class RunContext:
     labels: list[str] | None
 
 
+def adapter_out(cfg, run_dir: Path) -> tuple[str, Path]:
+    """(config key, dir) of what save_adapter writes: the adapter, or with lora=full the whole model."""
+    if cfg.lora.method == "full":
+        return "hooks.save_adapter", run_dir / "model"
+    if cfg.hooks.save_adapter is None:  # the merge hook saves the adapter to adapter/ first (see _saved_adapter)
+        return "hooks.merge", run_dir / "adapter"
+    return "hooks.save_adapter.dir", run_dir / cfg.hooks.save_adapter.dir
+
+
+def check_output_dirs(cfg, run_dir: Path) -> None:
+    """Before training: every dir the selected hooks will write may be written (errors.check_output), so one that
+    names a foreign non-empty folder, the run dir or a folder above it is refused now, not after the training."""
+    merges = cfg.hooks.merge is not None and cfg.lora.method != "full"  # lora=full has nothing to merge
+    if cfg.hooks.save_adapter is not None or merges:
+        check_output(adapter_out(cfg, run_dir)[1], "adapter", _run_inputs(run_dir), flag=adapter_out(cfg, run_dir)[0])
+    if merges:
+        check_output(run_dir / cfg.hooks.merge.dir, "merged", _run_inputs(run_dir), flag="hooks.merge.dir")
+
+
+def _run_inputs(run_dir: Path) -> tuple[Path, ...]:
+    """What no hook output may replace: the run dir (its config, metrics, summary) and its checkpoints."""
+    return run_dir, run_dir / "checkpoints"
+
+
 def save_adapter(ctx: RunContext) -> None:
     """Plain PEFT format: loads with PeftModel.from_pretrained(base, run_dir/"adapter").
     With lora=full there is no adapter: the whole model goes to run_dir/model instead."""
-    out = ctx.run_dir / ("model" if ctx.cfg.lora.method == "full" else ctx.cfg.hooks.save_adapter.dir)
-    with atomic_dir(out) as tmp:  # the final adapter appears whole or not at all
+    key, out = adapter_out(ctx.cfg, ctx.run_dir)
+    # The final adapter appears whole or not at all; an earlier one (a resumed run's) is replaced, nothing else.
+    with atomic_dir(out, "adapter", _run_inputs(ctx.run_dir), flag=key) as tmp:
         adapters.save(ctx.model, ctx.cfg, ctx.run_dir, tmp, ctx.labels)
         ctx.tokenizer.save_pretrained(tmp)
     ctx.summary["adapter_dir"] = str(out)
@@ -92,8 +117,8 @@ def merge(ctx: RunContext) -> None:
         return  # nothing to merge: save_adapter already wrote the full model
     ctx.summary["merge"] = merge_and_verify(merge_base(ctx.cfg, ctx.labels, hook.dtype), [_saved_adapter(ctx)],
                                             ctx.run_dir / hook.dir, ctx.probe, ctx.cfg, hook.dtype,
-                                            tokenizer=ctx.tokenizer, reference=ctx.model,
-                                            mixed_precision=ctx.accelerator.mixed_precision)
+                                            tokenizer=ctx.tokenizer, reference=ctx.model, flag="hooks.merge.dir",
+                                            inputs=_run_inputs(ctx.run_dir))
     if hook.gguf is not None:
         from lorafit.export import to_gguf
 

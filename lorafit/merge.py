@@ -1,7 +1,10 @@
 """Merge adapters into their base and prove the merge is exact.
 
 `python -m lorafit.merge PATH [PATH ...] --out DIR [--dtype fp32|bf16|fp16] [--base MODEL] [--weights W ...]
- [--combination linear|svd|ties|cat] [--stream]`
+ [--combination sum|linear|svd|ties|cat] [--stream] [--overwrite]`
+
+--out may be new, empty or an earlier merge; anything else only with --overwrite, and never an input, a folder
+holding one, or the working directory (errors.check_output).
 
 Which weights the update goes into:
 - a float base: the base as trained, in the chosen dtype;
@@ -27,7 +30,7 @@ import torch
 
 from lorafit.cli import user_errors_as_one_line
 from lorafit.config import MERGE_DTYPES
-from lorafit.errors import UserError, atomic_dir
+from lorafit.errors import UserError, atomic_dir, check_output
 from lorafit.export import GGUF_TYPES
 
 # Max abs logit diff, relative to the logits' scale. A wrong merge (scaling, transposition, a missed module) is off
@@ -39,9 +42,13 @@ PROBE_TEXTS = ["Shares in the bank rose after profits beat forecasts.", "The str
 
 @torch.no_grad()
 def logits(model, probe: dict) -> torch.Tensor:
+    """The model's logits in its own dtype. A model accelerate prepared under mixed precision has its forward wrapped
+    in autocast (the original kept as `_original_forward`): that one is called, so the trained model computes as the
+    merged one does, instead of adding bf16's rounding (~2% of SmolLM2's logit scale) to a comparison of merges."""
     model.eval()
     device = next(model.parameters()).device
-    return model(**{k: v.to(device) for k, v in probe.items() if k != "labels"}).logits.float().cpu()
+    forward = model.__dict__.get("_original_forward", model)  # unlike accelerate's unwrap, leaves the model as it is
+    return forward(**{k: v.to(device) for k, v in probe.items() if k != "labels"}).logits.float().cpu()
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -61,9 +68,10 @@ def merge_base(cfg, labels, dtype: str):
     return build_model(float_cfg, labels, quantize=True).dequantize().to(DTYPES[MERGE_DTYPES[dtype]])
 
 
-def trained_precision(cfg, mixed_precision: str = "no") -> str:
-    """The lowest precision the trained model computed in: the merge can match it only to that precision."""
-    dtypes = {cfg.model.dtype, MERGE_DTYPES.get(mixed_precision, "float32")}
+def trained_precision(cfg) -> str:
+    """The lowest precision the trained model computes in outside autocast (see `logits`): its weights' dtype, or a
+    QLoRA base's compute dtype. The merge can match it only to that precision."""
+    dtypes = {cfg.model.dtype}
     if cfg.quant.mode == "nf4":
         dtypes.add(cfg.quant.compute_dtype)
     return next((k for k, v in (("fp16", "float16"), ("bf16", "bfloat16")) if v in dtypes), "fp32")
@@ -79,13 +87,15 @@ def quant_compute(cfg) -> str:
 
 
 def merge_and_verify(base_model, adapter_dirs: list[Path], out_dir: Path, probe: dict, cfg, dtype: str = "fp32",
-                     tokenizer=None, reference=None, mixed_precision: str = "no", weights: list[float] | None = None,
-                     combination: str = "linear") -> dict:
-    """Load the adapter(s) onto base_model, merge, verify on `probe`, save atomically to out_dir.
+                     tokenizer=None, reference=None, weights: list[float] | None = None,
+                     combination: str = "sum", overwrite: bool = False, flag: str = "--out", inputs=()) -> dict:
+    """Load the adapter(s) onto base_model, merge, verify on `probe`, save atomically to out_dir (errors.atomic_dir:
+    never over the adapters or `inputs`, a foreign non-empty dir only with `overwrite`; `flag` names out_dir).
 
-    With `reference` (the trained model, run under `mixed_precision`), the merged model must also match it to the
-    tolerance of the lowest precision the training computed in. LLM.int8 is the exception: its inference quantizes
-    activations, which no float merge reproduces, so that difference is recorded, not held to a tolerance."""
+    With `reference` (the trained model), the merged model must also match it, both computed without autocast, to the
+    tolerance of the lowest precision the trained model holds or computes its base in. LLM.int8 is the exception: its
+    inference quantizes activations, which no float merge reproduces, so that difference is recorded, not held to a
+    tolerance."""
     from peft import PeftModel
 
     tied = _tied(base_model)
@@ -96,11 +106,19 @@ def merge_and_verify(base_model, adapter_dirs: list[Path], out_dir: Path, probe:
     except (RuntimeError, ValueError) as e:  # size mismatch or missing modules: the adapter was trained on another base
         raise UserError(f"adapter {adapter_dirs[0]} does not fit base {getattr(base_model.config, '_name_or_path', '?')}: "
                         f"{str(e).strip().splitlines()[-1][:200]}; pass the right --base") from None
+    weights = weights or [1.0 / len(adapter_dirs)] * len(adapter_dirs)
     if len(adapter_dirs) > 1:
         names = [f"a{i}" for i in range(len(adapter_dirs))]
-        peft_model.add_weighted_adapter(names, weights or [1.0 / len(names)] * len(names), "combined",
-                                        combination_type=combination, density=0.5 if combination == "ties" else None)
-        peft_model.set_adapter("combined")
+        _scale_adapters(peft_model, names, weights)
+        weighted_sum = logits(peft_model, probe)  # what a weighted merge should compute
+        if combination != "sum":  # peft's combinations build one new adapter and apply the weights themselves
+            _scale_adapters(peft_model, names, [1.0] * len(names))
+            try:
+                peft_model.add_weighted_adapter(names, weights, "combined", combination_type=combination,
+                                                density=0.5 if combination == "ties" else None)
+            except ValueError as e:  # e.g. linear/ties need one rank in all adapters
+                raise UserError(f"--combination {combination}: {str(e).rstrip('.')}; --combination sum takes any ranks") from None
+            peft_model.set_adapter("combined")
     unmerged = logits(peft_model, probe)
     merged_model = peft_model.merge_and_unload()
     merged = logits(merged_model, probe)
@@ -110,27 +128,44 @@ def merge_and_verify(base_model, adapter_dirs: list[Path], out_dir: Path, probe:
               "tolerance": TOLERANCE[dtype] * scale, "tied_embeddings": tied and _tied(merged_model),
               "base_compute": quant_compute(cfg)}
     if len(adapter_dirs) > 1:
-        report.update(combination=combination, weights=weights or [1.0 / len(adapter_dirs)] * len(adapter_dirs))
+        # Recorded for every combination: only `sum` is Σ wᵢ·ΔWᵢ (there it is the merged-vs-unmerged check itself);
+        # peft's linear is (Σ√wᵢ·Bᵢ)(Σ√wᵢ·sᵢ·Aᵢ), with cross terms; ties trims and elects signs.
+        report.update(combination=combination, weights=weights,
+                      max_abs_diff_merged_vs_weighted_sum=max_diff(merged, weighted_sum))
     if report["max_abs_diff_merged_vs_unmerged"] > report["tolerance"]:
         raise UserError(f"merge check failed: merged and unmerged logits differ by "
                         f"{report['max_abs_diff_merged_vs_unmerged']:.3g} > {report['tolerance']:.3g}; nothing was saved")
     if reference is not None:
         report["max_abs_diff_merged_vs_trained"] = max_diff(merged, logits(reference, probe))
         if cfg.quant.mode != "int8":
-            precision = trained_precision(cfg, mixed_precision)
+            precision = trained_precision(cfg)
             report["tolerance_vs_trained"] = max(TOLERANCE[dtype], TOLERANCE[precision]) * scale
             if report["max_abs_diff_merged_vs_trained"] > report["tolerance_vs_trained"]:
                 raise UserError(f"merge check failed: the merged model and the trained model differ by "
                                 f"{report['max_abs_diff_merged_vs_trained']:.3g} > {report['tolerance_vs_trained']:.3g} "
-                                f"(trained in {precision}); nothing was saved")
+                                f"(the trained model computes in {precision}); nothing was saved")
     if tied and not report["tied_embeddings"]:
         raise UserError("merge untied the input and output embeddings; nothing was saved")
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "merged", [*adapter_dirs, *inputs], overwrite, flag) as tmp:
         merged_model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=1))
     return report
+
+
+def _scale_adapters(peft_model, names: list[str], weights: list[float]) -> None:
+    """Every adapter in `names` active, each scaled by its weight through peft's own set_scale (which knows rsLoRA's
+    √r): the model computes W0·x + Σ wᵢ·sᵢ·Bᵢ·Aᵢ·x, whatever the ranks, and merging it merges exactly Σ wᵢ·ΔWᵢ."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+    if any(m.use_dora.get(n, False) for m in layers for n in names):
+        raise UserError("DoRA adapters normalize W0 + ΔW each on its own and have no weighted sum; merge one at a time")
+    for m in layers:
+        for name, w in zip(names, weights):
+            m.set_scale(name, w)
+    peft_model.base_model.set_adapter(names)
 
 
 def _tied(model) -> bool:
@@ -141,7 +176,7 @@ def _tied(model) -> bool:
 # --- streaming merge: bounded memory for sharded checkpoints ------------------------------------------------------
 
 def stream_merge(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str | None = None, allow_pickle: bool = False,
-                 probes: int = 8) -> dict:
+                 probes: int = 8, overwrite: bool = False) -> dict:
     """Merge shard by shard: read a shard, add s·B·A to its targeted tensors, write it, free it."""
     from peft import LoraConfig
     from tqdm.auto import tqdm
@@ -173,7 +208,7 @@ def stream_merge(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str | 
             replaced[_match(module, keys, tensor) or k] = v
     fan_in_fan_out, out_dtype = config.get("fan_in_fan_out", False), DTYPES[MERGE_DTYPES[dtype]] if dtype else None
     probe_errors, g = {}, torch.Generator().manual_seed(0)  # {merged dtype: max relative module-output error}
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "merged", (base_dir, adapter_dir), overwrite) as tmp:
         for shard in tqdm(shards, desc="merge shards", disable=len(shards) < 2):
             header, start = _header(shard)
             with open(shard, "rb") as src:
@@ -342,10 +377,12 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="fp32", choices=list(MERGE_DTYPES))
     p.add_argument("--base", help="base model (alias, local dir, hub id); default: the adapter's base_model_name_or_path")
     p.add_argument("--weights", nargs="+", type=float, help="one weight per adapter (default: equal)")
-    p.add_argument("--combination", default="linear", choices=["linear", "svd", "ties", "cat"])
+    p.add_argument("--combination", default="sum", choices=["sum", "linear", "svd", "ties", "cat"],
+                   help="sum (default): exactly Σ wᵢ·ΔWᵢ; the others are peft's add_weighted_adapter combinations")
     p.add_argument("--stream", action="store_true", help="shard-by-shard merge of a safetensors checkpoint (bounded memory)")
     p.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin (a pickle: only if you trust it)")
     p.add_argument("--gguf", choices=GGUF_TYPES, help="also write OUT/model-TYPE.gguf for llama.cpp / Ollama (Llama models)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out even if it is not empty and not a merged model")
     return p.parse_args(argv)
 
 
@@ -367,10 +404,13 @@ def main(argv=None) -> dict:
         raise UserError(f"--weights has {len(args.weights)} values for {len(dirs)} adapters")
     base = base_name(dirs[0], config, args.base)
     out = Path(args.out)
+    # What --out must never replace: the adapters, the run dirs holding them, a local base. Checked before any work.
+    inputs = [*dirs, *args.paths, *([Path(base).expanduser()] if Path(base).expanduser().is_dir() else [])]
+    check_output(out, "merged", inputs, args.overwrite)
     if args.stream:
         if len(dirs) > 1:
             raise UserError("--stream merges one adapter at a time")
-        report = stream_merge(Path(resolve(base)), dirs[0], out, args.dtype, args.allow_pickle)
+        report = stream_merge(Path(resolve(base)), dirs[0], out, args.dtype, args.allow_pickle, overwrite=args.overwrite)
         print(f"merged {report['merged_modules']} modules over {report['shards']} shards into {out}; "
               f"max relative module-probe error {report['max_abs_diff_module_probe']:.2e}")
         return _export(report, out, args.gguf)
@@ -378,9 +418,13 @@ def main(argv=None) -> dict:
     tokenizer = saved_tokenizer(cfg.model, dirs[0])
     probe = _probe(tokenizer, cfg.model)
     report = merge_and_verify(merge_base(cfg, info.get("labels"), args.dtype), dirs, out, probe, cfg, args.dtype,
-                              tokenizer, weights=args.weights, combination=args.combination)
+                              tokenizer, weights=args.weights, combination=args.combination, overwrite=args.overwrite,
+                              inputs=inputs)
     print(f"merged into {out} ({args.dtype}); max |logit diff| merged vs unmerged = "
           f"{report['max_abs_diff_merged_vs_unmerged']:.2e} (tolerance {report['tolerance']:.1e})")
+    if args.combination != "sum" and len(dirs) > 1:
+        print(f"--combination {args.combination} is not the weighted sum Σ wᵢ·ΔWᵢ: max |logit diff| from it = "
+              f"{report['max_abs_diff_merged_vs_weighted_sum']:.2e}")
     return _export(report, out, args.gguf)
 
 

@@ -172,6 +172,7 @@ def run(cfg, run_dir: Path | None = None) -> float:
     _quiet_libraries()
     validate(cfg)
     run_dir = Path(run_dir or _run_dir())
+    hooks.check_output_dirs(cfg, run_dir)  # a hook dir that would replace a foreign folder: refused before training
     run_dir.mkdir(parents=True, exist_ok=True)
     auto_rank = None
     if cfg.lora.r == "auto":

@@ -1,6 +1,6 @@
 """Shrink a LoRA adapter exactly: the best lower-rank adapter for every ΔW, from the r×r core SVD.
 
-`python -m lorafit.shrink ADAPTER (--energy 0.9 | --rank K | --intruders LAMBDA) --out DIR`
+`python -m lorafit.shrink ADAPTER (--energy 0.9 | --rank K | --intruders LAMBDA) --out DIR [--overwrite]`
 
 ΔW = s·B·A = (Q_b U) Σ (Q_a V)ᵀ (analysis.spectrum.lowrank_svd), so by Eckart–Young its best rank-k approximation
 is B' = Q_b·U_k·√Σ_k, A' = √Σ_k·V_kᵀ·Q_aᵀ, with scale s folded in (each module's alpha is set so its scale is 1).
@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from lorafit.cli import user_errors_as_one_line
-from lorafit.errors import UserError, atomic_dir
+from lorafit.errors import UserError, atomic_dir, check_output
 
 
-def shrink(adapter: Path, out: Path, energy: float | None = None, rank: int | None = None) -> dict:
+def shrink(adapter: Path, out: Path, energy: float | None = None, rank: int | None = None, overwrite: bool = False) -> dict:
     """Write the truncated adapter to `out`; return the report (also out/shrink_report.json)."""
     from safetensors.torch import save_file
 
@@ -59,7 +59,7 @@ def shrink(adapter: Path, out: Path, energy: float | None = None, rank: int | No
     report = {"adapter": str(adapter), "energy": energy, "rank": rank, "modules": modules,
               "params": sum(m["params"] for m in modules), "params_kept": sum(m["params_kept"] for m in modules),
               "energy_kept": 1 - sum(m["tail_energy"] for m in modules) / max(sum(m["energy"] for m in modules), 1e-300)}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "shrunk", [adapter], overwrite) as tmp:
         _copy_side_files(adapter, tmp)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(new_config, indent=2))
         save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
@@ -67,7 +67,8 @@ def shrink(adapter: Path, out: Path, energy: float | None = None, rank: int | No
     return report
 
 
-def dampen_intruders(adapter: Path, out: Path, lam: float, k: int = 10, eps: float = 0.5, base: str | None = None) -> dict:
+def dampen_intruders(adapter: Path, out: Path, lam: float, k: int = 10, eps: float = 0.5, base: str | None = None,
+                     overwrite: bool = False) -> dict:
     """peft's reduce_intruder_dimension on this adapter: intruder directions of W0 + ΔW scaled by `lam` (0 removes
     them, 1 keeps them), re-factored at the adapter's rank. Needs the float base (the adapter's, or `base`)."""
     from peft import PeftModel
@@ -85,7 +86,7 @@ def dampen_intruders(adapter: Path, out: Path, lam: float, k: int = 10, eps: flo
     lines: list[str] = []
     reduce_intruder_dimension(model, top_k=k, threshold_epsilon=eps, mitigation_lambda=lam, logging_sink=lines.append)
     counts = peft_intruder_counts(lines)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "dampened", [adapter], overwrite) as tmp:
         model.save_pretrained(str(tmp), selected_adapters=["intruder_reduced"], safe_serialization=True)
         for f in (tmp / "intruder_reduced").iterdir():  # peft puts a non-default adapter in a subfolder
             f.rename(tmp / f.name)
@@ -130,6 +131,7 @@ def parse_args(argv=None):
                        help="instead: scale intruder dimensions by LAMBDA (peft's reduce_intruder_dimension; 0.75 as peft)")
     p.add_argument("--base", help="with --intruders: the float base (default: the adapter's base_model_name_or_path)")
     p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--overwrite", action="store_true", help="replace --out even if it is not empty and not this kind of output")
     args = p.parse_args(argv)
     if (args.energy is not None and not 0 < args.energy <= 1) or (args.rank is not None and args.rank < 1) or \
             (args.intruders is not None and not 0 <= args.intruders <= 1):
@@ -142,12 +144,15 @@ def main(argv=None) -> dict:
     from lorafit.analysis.spectrum import adapter_dir
 
     args = parse_args(argv)
+    adapter = adapter_dir(args.adapter)
+    # Before any work: --out may not replace the adapter or the run dir holding it (errors.check_output).
+    check_output(args.out, "dampened" if args.intruders is not None else "shrunk", [adapter, args.adapter], args.overwrite)
     if args.intruders is not None:
-        report = dampen_intruders(adapter_dir(args.adapter), args.out, args.intruders, base=args.base)
+        report = dampen_intruders(adapter, args.out, args.intruders, base=args.base, overwrite=args.overwrite)
         print(f"intruder dimensions scaled by {args.intruders} in {sum(c > 0 for c in report['intruders'].values())} of "
               f"{len(report['intruders'])} modules ({report['total']} in all); {args.out}")
         return report
-    report = shrink(adapter_dir(args.adapter), args.out, args.energy, args.rank)
+    report = shrink(adapter, args.out, args.energy, args.rank, overwrite=args.overwrite)
     print(f"shrank {len(report['modules'])} modules: {report['params']:,} -> {report['params_kept']:,} LoRA parameters "
           f"({report['params_kept'] / report['params']:.1%}), {report['energy_kept']:.2%} of ΔW energy kept; {args.out}")
     return report

@@ -74,10 +74,11 @@ def test_streaming_merge_is_bitwise_equal_to_in_memory(tmp_path, lm_runs):
 
 
 def test_weighted_multi_adapter_merge_is_verified(tmp_path, lm_runs):
-    out = merge_cli(*lm_runs, "--weights", "0.7", "0.3", "--combination", "linear", "--out", tmp_path / "merged")
+    out = merge_cli(*lm_runs, "--weights", "0.7", "0.3", "--out", tmp_path / "merged")
     assert out.returncode == 0, out.stderr
     report = json.loads((tmp_path / "merged" / "merge_report.json").read_text())
     assert report["weights"] == [0.7, 0.3] and report["max_abs_diff_merged_vs_unmerged"] < 1e-4
+    assert report["combination"] == "sum" and report["max_abs_diff_merged_vs_weighted_sum"] < 1e-4  # Σ wᵢ·ΔWᵢ itself
 
 
 def test_merge_rejects_mismatched_base_pickles_and_missing_files(tmp_path, lm_runs):
