@@ -290,8 +290,8 @@ def fsdp_unit_classes(model, chosen: list[str] | None) -> list[str]:
     if chosen is not None:
         if clash := sorted(holders & set(chosen)):
             raise UserError(f"fsdp_transformer_layer_cls_to_wrap lists {', '.join(clash)}, which holds the embeddings "
-                            "that accelerate shards as a unit of their own (torch shards a module inside another "
-                            "one's unit only before it): leave it out of the accelerate config")
+                            "accelerate shards on their own afterwards (torch's fully_shard cannot shard a module "
+                            "inside one already sharded): leave it out of the accelerate config")
         return list(chosen)
     return [c for c in (getattr(model, "_no_split_modules", None) or []) if c not in holders]
 
