@@ -275,3 +275,36 @@ def linear_modules(model) -> dict[str, tuple[int, int]]:
         elif isinstance(mod, Conv1D):  # GPT-2 style: weight stored transposed (fan_in_fan_out)
             out[name] = tuple(mod.weight.shape)
     return out
+
+
+def fsdp_unit_classes(model, chosen: list[str] | None) -> list[str]:
+    """The layer classes FSDP2 shards as units of their own under fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP:
+    the accelerate config's fsdp_transformer_layer_cls_to_wrap (`chosen`), else the model's _no_split_modules less the
+    classes that hold the input or output embeddings. accelerate 1.15 (fsdp2_prepare_model) shards the embeddings as
+    units of their own after the layers, and torch's fully_shard goes bottom-up: it cannot shard a module inside one
+    already sharded (it fails in DeviceMesh with "value was None"). BERT's list has BertEmbeddings, which holds
+    word_embeddings: every BERT-family classifier failed so. Those classes' other weights join the root unit."""
+    embeddings = [getattr(model, f"get_{side}_embeddings", lambda: None)() for side in ("input", "output")]
+    embeddings = {id(e) for e in embeddings if e is not None}
+    holders = {type(m).__name__ for m in model.modules() if any(id(s) in embeddings for s in list(m.modules())[1:])}
+    if chosen is not None:
+        if clash := sorted(holders & set(chosen)):
+            raise UserError(f"fsdp_transformer_layer_cls_to_wrap lists {', '.join(clash)}, which holds the embeddings "
+                            "accelerate shards on their own afterwards (torch's fully_shard cannot shard a module "
+                            "inside one already sharded): leave it out of the accelerate config")
+        return list(chosen)
+    return [c for c in (getattr(model, "_no_split_modules", None) or []) if c not in holders]
+
+
+def materialize_meta_weights(model) -> None:
+    """Give the weights left on the meta device real (uninitialized) CPU storage; FSDP2's preparation then fills them.
+
+    Under FSDP with fsdp_cpu_ram_efficient_loading, transformers loads the checkpoint on the first process only and
+    leaves the weights it lacks (a new seq_cls head, and so peft's copy of it) on the meta device elsewhere: accelerate
+    broadcasts the first process's values into the shards. But accelerate 1.15 (_prepare_fsdp2) finds each optimizer
+    tensor's shard by its data_ptr, which is 0 for every meta tensor: on those processes the optimizer got the head's
+    bias twice and its weight never (a silently wrong update on the rows they hold)."""
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.is_meta:
+                setattr(module, name, nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=p.requires_grad))

@@ -141,6 +141,12 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
         raise UserError(f"the train split has {len(train_ds)} rows: too few for one batch of train.batch_size="
                         f"{t.batch_size} x {nproc} processes; lower train.batch_size")
     total = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * per_epoch / t.grad_accum))
+    if accelerator.distributed_type == "FSDP":  # before the optimizer: it must hold the materialized weights
+        from lorafit.models import fsdp_unit_classes, materialize_meta_weights
+
+        materialize_meta_weights(model)
+        plugin = accelerator.state.fsdp_plugin
+        plugin.transformer_cls_names_to_wrap = fsdp_unit_classes(model, plugin.transformer_cls_names_to_wrap)
     optimizer = build_optimizer(model, cfg)
     from transformers import get_scheduler
 
