@@ -239,8 +239,10 @@ def run(cfg, run_dir: Path | None = None) -> float:
     run_dir = Path(run_dir or _run_dir())
     run_dir.mkdir(parents=True, exist_ok=True)
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
-    processes = PartialState()  # (the Accelerator below takes this state over)
+    # The processes' state before the Accelerator below takes it over; `cpu` as AcceleratorState would pass it
+    processes = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     _claim_run_dir(cfg, run_dir, processes.is_main_process)  # every process decides alike, before anything is written
     processes.wait_for_everyone()
     auto_rank = None

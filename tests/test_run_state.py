@@ -194,3 +194,22 @@ def test_a_signal_from_outside_checkpoints_at_the_next_step(tmp_path, uninterrup
     stopped_at = int(err.split("stopped after step ")[1].split()[0])
     assert 2 <= stopped_at < 200
     _resume_matches(tmp_path, uninterrupted, stopped_at)
+
+
+def test_two_processes_agree_on_a_signal_that_reached_one_and_resume_bitwise(tmp_path):
+    """SIGTERM to process 1 only (as when a scheduler signals one task): both processes checkpoint at the same step,
+    with both processes' RNG states, and the resumed run ends with the uninterrupted adapter."""
+    from test_distributed import COMMON, adapters_of, launch_two
+
+    args = [*COMMON, "train.batch_size=4", "train.save_every=0", "lora.dropout=0.1"]
+    full = launch_two(*args, f"hydra.run.dir={tmp_path / 'full'}")
+    assert full.returncode == 0, full.stderr[-3000:]
+    stopped = launch_two(*args, f"hydra.run.dir={tmp_path / 'stop'}", env={"LORAFIT_FAULT": "term:3:1"})
+    assert stopped.returncode != 0 and "lorafit: another process's signal: stopped after step 3" in stopped.stderr
+    ckpt = tmp_path / "stop" / "checkpoints" / "step_3"
+    assert sorted(p.name for p in ckpt.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    resumed = launch_two(*args, "train.resume=auto", f"hydra.run.dir={tmp_path / 'stop'}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "at step 3/6" in resumed.stdout
+    a, b = adapters_of(tmp_path / "full", tmp_path / "stop")
+    assert _same(a, b) and metrics_lines(tmp_path / "full") == metrics_lines(tmp_path / "stop")
