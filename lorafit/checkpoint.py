@@ -1,10 +1,14 @@
 """Checkpoints: accelerate's save_state / load_state, made atomic and adapter-sized.
 
-A checkpoint is `checkpoints/step_N/`: the trainable weights (safetensors), optimizer, scheduler, every
-process's RNG states (python, numpy, torch, cuda) -- all through accelerate -- plus `trainer_state.json`
-with the step. The data position needs no file: the sample order is a pure function of (seed, epoch), so
-the step says where to continue. It is written to a hidden temp dir and renamed into place, so a crash
-mid-save leaves the previous checkpoint valid and `resume=auto` never sees a half-written one.
+A checkpoint is `checkpoints/step_N/`: the trainable weights (safetensors), optimizer and every process's RNG
+states (python, numpy, torch, cuda) through accelerate, plus `trainer_state.json`: the step, the scheduler's state,
+the losses since the last log, the best evaluation, and the run's fingerprint (the config keys that decide the
+trajectory), which a resume must match. The data position needs no file: the sample order is a pure function of
+(seed, epoch), so the step says where to continue. It is written to a hidden temp dir and renamed into place, so a
+crash mid-save leaves the previous checkpoint valid and `resume=auto` never sees a half-written one.
+
+Loading runs no code from the checkpoint: every pickled file in it must load with `torch.load(weights_only=True)`
+(tensors, numbers, numpy RNG arrays) before accelerate or DeepSpeed opens it, and the scheduler state is JSON.
 """
 
 from __future__ import annotations
@@ -21,10 +25,49 @@ from lorafit.errors import UserError
 STATE_FILE = "trainer_state.json"
 
 
+PREEMPTED_EXIT = 75  # exit code after a SIGTERM / SIGUSR1 checkpoint: sysexits' EX_TEMPFAIL, "try again" (requeue)
+
+
 def crash_point(point: str, step: int) -> None:
-    """Fault injection for the crash tests: LORAFIT_FAULT=save:N (mid-save) or step:N SIGKILLs this process there."""
-    if os.environ.get("LORAFIT_FAULT") == f"{point}:{step}":
+    """Fault injection for the crash tests: LORAFIT_FAULT=save:N (mid-save) or step:N SIGKILLs this process there;
+    term:N sends it SIGTERM after step N (term:N:R only on the process of rank R), as a scheduler's preemption does."""
+    fault = os.environ.get("LORAFIT_FAULT", "")
+    if fault == f"{point}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
+    if point == "step" and fault.split(":")[:2] == ["term", str(step)] and \
+            fault.split(":")[2:] in ([], [os.environ.get("RANK", "0")]):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 (how SLURM and cloud schedulers stop a job, some time before they kill it) ask for a
+    checkpoint at the next step boundary instead of killing the process. The signal may reach one process only, so
+    `requested` is agreed by every process at every step: one 0-d all-reduce."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.signum, self.previous = 0, {}
+
+    def __enter__(self):
+        for s in self.SIGNALS:
+            self.previous[s] = signal.signal(s, self._note)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _note(self, signum, frame):
+        self.signum = signum
+
+    def requested(self, accelerator) -> bool:
+        if accelerator.num_processes == 1:
+            return bool(self.signum)
+        import torch
+
+        flag = torch.tensor(int(self.signum > 0), device=accelerator.device)
+        return bool(accelerator.reduce(flag, "sum") > 0)
 
 
 def keep_only_trainable(accelerator, model) -> None:
@@ -153,6 +196,66 @@ def save(accelerator, run_dir: Path, step: int, keep: int, extra: dict | None = 
     return final
 
 
+# train keys that change what happens beside the steps, not the steps: a resume may change them
+NOT_TRAJECTORY = ("eval_batch_size", "eval_every", "save_best", "early_stopping_patience", "save_every",
+                  "keep_checkpoints", "log_every", "resume", "overwrite", "on_nonfinite")
+
+
+def fingerprint(cfg) -> dict:
+    """What decides the training trajectory, as dotted key -> value: the model, data, lora and quant sections and the
+    train keys but NOT_TRAJECTORY (max_steps and epochs count: they set the learning-rate schedule)."""
+    from omegaconf import OmegaConf
+
+    tree = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    tree = {k: tree[k] for k in ("model", "data", "lora", "quant", "train")}
+    tree["train"] = {k: v for k, v in tree["train"].items() if k not in NOT_TRAJECTORY}
+
+    def flat(node, prefix=""):
+        out = {}
+        for k, v in node.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    return json.loads(json.dumps(flat(tree)))  # as trainer_state.json gives it back (lists, not tuples)
+
+
+def check_fingerprint(path: Path, saved: dict | None, now: dict) -> None:
+    """Refuse to resume `path` with settings that change the trajectory, naming every differing key."""
+    if saved is None:
+        raise UserError(f"checkpoint {path} has no run fingerprint (an older lorafit wrote it), so it can't be "
+                        "checked against this run: start over without train.resume")
+    differ = sorted(k for k in saved.keys() | now.keys() if saved.get(k, "<unset>") != now.get(k, "<unset>"))
+    if differ:
+        said = "; ".join(f"{k}={saved.get(k, '<unset>')} there, {now.get(k, '<unset>')} now" for k in differ)
+        raise UserError(f"checkpoint {path} is of a run with other settings ({said}): resume with the checkpoint's "
+                        "settings, or start over with train.overwrite=true (or another hydra.run.dir)")
+
+
+def check_pickles(path: Path) -> None:
+    """Every pickled file of a checkpoint must load as plain data (tensors, numbers, containers, numpy RNG arrays):
+    accelerate loads some with weights_only=False, DeepSpeed all, and a planted or tampered one would run code."""
+    import pickle
+    import zipfile
+
+    import torch
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS  # what accelerate's RNG states need
+
+    allowed = list(TORCH_SAFE_GLOBALS)
+    if any(path.rglob("*_optim_states.pt")):  # DeepSpeed's optimizer state records these two objects
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+
+        allowed += [LossScaler, ZeroStageEnum]
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".pkl", ".bin", ".pt", ".pth")):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+            raise UserError(f"checkpoint file {f} holds something other than plain tensors and numbers, or is "
+                            f"corrupt ({type(e).__name__}: {str(e).strip().splitlines()[0][:160]}); lorafit loads no "
+                            "such file: remove the checkpoint and resume from another one, or start over") from None
+
+
 def complete_checkpoints(root: Path) -> list[Path]:
     """Finished checkpoints under root, oldest first (temp dirs and ones without a state file are skipped)."""
     if not root.is_dir():
@@ -175,14 +278,23 @@ def find(resume: str | None, run_dir: Path) -> Path | None:
     return path
 
 
-def load(accelerator, path: Path) -> dict:
+def load(accelerator, path: Path, scheduler, fingerprint_now: dict) -> dict:
     """Restore weights, optimizer, scheduler and RNG states; return the trainer state (the step to continue from,
     and what save's `extra` held)."""
-    state = json.loads((path / STATE_FILE).read_text())
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"checkpoint file {path / STATE_FILE} is corrupt ({e}): resume from another checkpoint, or "
+                        "start over") from None
     if state.get("processes", 1) != accelerator.num_processes:  # per-process RNG files and data shards differ
         raise UserError(f"checkpoint {path} was written by {state['processes']} processes and this run has "
                         f"{accelerator.num_processes}; resume with the same count (accelerate launch --num_processes "
                         f"{state['processes']}), or start fresh without train.resume")
+    check_fingerprint(path, state.get("fingerprint"), fingerprint_now)
+    rng = path / f"random_states_{accelerator.process_index}.pkl"
+    if not rng.is_file():  # accelerate would go on without it, silently on other random numbers
+        raise UserError(f"checkpoint {path} lacks {rng.name}: resume from another checkpoint, or start over")
+    check_pickles(path)
     try:
         # the frozen base was never saved: not strict (DeepSpeed's engine names the flag its own way)
         accelerator.load_state(str(path), **({"load_module_strict": False} if accelerator.distributed_type == "DEEPSPEED"
@@ -190,4 +302,5 @@ def load(accelerator, path: Path) -> dict:
     except (RuntimeError, ValueError, KeyError) as e:
         raise UserError(f"checkpoint {path} does not fit this run ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                         "was it written with another model, lora config or process count?") from None
+    scheduler.load_state_dict(state["scheduler"])
     return state

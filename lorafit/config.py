@@ -141,6 +141,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 42
     resume: Optional[str] = None  # auto | PATH to a checkpoint dir
+    overwrite: bool = False  # a run dir that holds a run: clear lorafit's files of it and start over (else refused)
     on_nonfinite: OnNonfinite = OnNonfinite.stop  # what a NaN/inf loss does
 
 
@@ -258,6 +259,8 @@ def validate(cfg) -> None:
     for key in ("eval_every", "save_every"):
         if getattr(t, key) < 0:
             errors.append(f"train.{key}={getattr(t, key)} must be >= 0 (0 turns it off)")
+    if t.overwrite and t.resume is not None:
+        errors.append(f"train.overwrite=true starts over and train.resume={t.resume} continues: set one of them")
     if t.resume not in (None, "auto") and not Path(t.resume).is_dir():
         errors.append(f"train.resume={t.resume!r}: no such checkpoint dir (use 'auto' or a checkpoints/step_N path)")
 

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -16,18 +17,82 @@ from lorafit.errors import UserError
 
 log = logging.getLogger("lorafit")
 
-SECRET_KEY = re.compile(r"(token|api_key|apikey|secret|password)", re.I)
+# A key named like a credential: its last word is one (hf_token, wandb_api_key, password), not a count of tokens
+# (eval.max_new_tokens) nor a token id (pad_token_id).
+SECRET_KEY = re.compile(r"(^|_)(token|api_?key|secret|secret_key|password|passwd)$", re.I)
 SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN", "OPENAI_API_KEY")
 
 
-def redact(obj):
-    """A copy of a config container with secrets masked: by key name, or by value equal to a secret env var."""
+def redact(obj, found: set | None = None):
+    """A copy of a config container with secrets masked: by key name, or by value equal to a secret env var. The
+    masked strings are added to `found`, for the other records of the run (Hydra's)."""
+    found = set() if found is None else found
     secrets = {v for k in SECRET_ENV if (v := os.environ.get(k))}
     if isinstance(obj, dict):
-        return {k: "<redacted>" if SECRET_KEY.search(str(k)) and obj[k] else redact(v) for k, v in obj.items()}
+        for k, v in obj.items():
+            if SECRET_KEY.search(str(k)) and isinstance(v, str) and v:
+                found.add(v)
+        return {k: "<redacted>" if SECRET_KEY.search(str(k)) and obj[k] else redact(v, found) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [redact(v) for v in obj]
-    return "<redacted>" if isinstance(obj, str) and obj in secrets else obj
+        return [redact(v, found) for v in obj]
+    if isinstance(obj, str) and obj in secrets:
+        found.add(obj)
+        return "<redacted>"
+    return obj
+
+
+def _redact_hydra_record(run_dir: Path, secrets: set) -> None:
+    """Hydra writes the config and the command-line overrides into .hydra/ before the run starts: mask there too
+    what redact masked in config.yaml."""
+    for path in (run_dir / ".hydra").glob("*.yaml"):
+        text = path.read_text()
+        masked = text
+        for secret in sorted(secrets, key=len, reverse=True):
+            masked = masked.replace(secret, "<redacted>")
+        if masked != text:
+            path.write_text(masked)
+
+
+# What lorafit writes into a run dir (beside the hook outputs, named by the config), and what of it says a run is
+# there. Hydra's .hydra/ and its log are Hydra's: neither counts, and train.overwrite leaves them alone.
+RUN_MARKERS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "auto_rank.json")
+RUN_FILES = (*RUN_MARKERS, "generations.jsonl", "probe", "wandb_run_id", "wandb", "analysis", "initial_adapter", "model")
+
+
+def _run_files(run_dir: Path, cfgs) -> list[Path]:
+    """The lorafit files in run_dir, with the hook dirs and the TensorBoard dir of the configs `cfgs` (this run's and
+    the previous run's config.yaml)."""
+    names = set(RUN_FILES)
+    for c in cfgs:
+        hooks = c.get("hooks") or {}
+        names |= {h["dir"] for h in (hooks.get("save_adapter"), hooks.get("merge")) if h and h.get("dir")}
+        if (c.get("logging") or {}).get("backend") == "tensorboard":
+            names.add(c["logging"]["project"])
+    return sorted(run_dir / n for n in names if (run_dir / n).exists() and "/" not in n and n not in ("", ".", ".."))
+
+
+def _claim_run_dir(cfg, run_dir: Path, main: bool) -> None:
+    """A run without train.resume gets a run dir that holds no other run: a previous run's checkpoints would be
+    taken over by `train.resume=auto`, its metrics truncated, its adapter and analysis left beside the new ones.
+    train.overwrite=true clears lorafit's files of it (and nothing else); the main process does the clearing."""
+    from lorafit import checkpoint
+
+    held = [n for n in RUN_MARKERS if (run_dir / n).exists()]
+    t = cfg.train
+    if t.resume == "auto" and "summary.json" in held and not checkpoint.complete_checkpoints(run_dir / "checkpoints"):
+        raise UserError(f"train.resume=auto: {run_dir} holds a finished run and no checkpoint to continue from; "
+                        "start over with train.overwrite=true instead (or pick another hydra.run.dir)")
+    if t.resume is not None or not held:
+        return
+    if not t.overwrite:
+        raise UserError(f"{run_dir} already holds a run ({', '.join(held)}): continue it with train.resume=auto, "
+                        "replace it with train.overwrite=true, or pick another hydra.run.dir")
+    if main:
+        previous = run_dir / "config.yaml"
+        cfgs = [OmegaConf.to_container(cfg)] + ([OmegaConf.to_container(OmegaConf.load(previous))]
+                                                if previous.is_file() else [])
+        for path in _run_files(run_dir, cfgs):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def _flat_scalars(tree: dict, prefix: str = "") -> dict:
@@ -174,13 +239,22 @@ def run(cfg, run_dir: Path | None = None) -> float:
     run_dir = Path(run_dir or _run_dir())
     hooks.check_output_dirs(cfg, run_dir)  # a hook dir that would replace a foreign folder: refused before training
     run_dir.mkdir(parents=True, exist_ok=True)
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    # The processes' state before the Accelerator below takes it over; `cpu` as AcceleratorState would pass it
+    processes = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    _claim_run_dir(cfg, run_dir, processes.is_main_process)  # every process decides alike, before anything is written
+    processes.wait_for_everyone()
     auto_rank = None
     if cfg.lora.r == "auto":
         cfg, auto_rank = _auto_rank(cfg, run_dir)
     accelerator = _accelerator(cfg, run_dir)
-    resolved = redact(OmegaConf.to_container(cfg, resolve=True))
+    secrets = set()
+    resolved = redact(OmegaConf.to_container(cfg, resolve=True), secrets)
     if accelerator.is_main_process:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+        _redact_hydra_record(run_dir, secrets)
 
     tokenizer = models.build_tokenizer(cfg.model)
     splits = data.load_splits(cfg)
@@ -282,7 +356,8 @@ def _auto_rank(cfg, run_dir: Path):
             {"epochs": t.epochs * lo.auto_probe}
         probe = OmegaConf.merge(cfg, {
             "lora": {"r": lo.r_max}, "train": {**steps, "eval_every": 0, "save_every": 0, "save_best": False,
-                                               "early_stopping_patience": 0, "resume": None},
+                                               "early_stopping_patience": 0, "resume": None,
+                                               "overwrite": True},  # a killed probe's leftovers: it starts over
             "eval": {"generate": 0, "forgetting_file": None}, "logging": {"backend": "none"},
             "hooks": {"save_adapter": {"dir": "adapter"}, "spectrum": {"energy": lo.auto_energy}, "merge": None}})
         print(f"lora.r=auto: probe run at r={lo.r_max} ({steps}) in {run_dir / 'probe'}", flush=True)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,18 +154,26 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
 
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=int(t.warmup_ratio * total), num_training_steps=total)
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
+    # The scheduler's state goes into trainer_state.json (checkpoint.save's extra), not into a pickle that
+    # accelerate would load with weights_only=False.
     checkpoint.keep_only_trainable(accelerator, model)
     lengths = np.array([len(ids) for ids in eval_ds["input_ids"]])  # eval sorted by length: little padding
     eval_loader = loader(eval_ds, t.eval_batch_size, np.argsort(lengths, kind="stable").tolist(), pad_id, accelerator, False)
 
-    start, metric = 0, metrics.primary_metric(cfg)
-    best = checkpoint.Best(metric, metrics.higher_is_better(metric))
+    start, metric, fingerprint = 0, metrics.primary_metric(cfg), checkpoint.fingerprint(cfg)
+    best, window = checkpoint.Best(metric, metrics.higher_is_better(metric)), []
     if (ckpt := checkpoint.find(t.resume, run_dir)) is not None:
-        state = checkpoint.load(accelerator, ckpt)
+        state = checkpoint.load(accelerator, ckpt, scheduler, fingerprint)
         start, best = state["step"], checkpoint.Best(**state.get("best", best.__dict__))
+        # the per-step losses since the last log: the next logged loss averages them too, as if never stopped
+        window = [torch.tensor(v, dtype=torch.float32, device=accelerator.device) for v in state["loss_window"]]
         accelerator.print(f"resumed from {ckpt} at step {start}/{total}")
     log.truncate_after(start)  # a run that died before its first checkpoint starts over from step 0 too
+
+    def save_checkpoint(step: int) -> None:
+        checkpoint.save(accelerator, run_dir, step, t.keep_checkpoints, extra={
+            "fingerprint": fingerprint, "scheduler": scheduler.state_dict(), "best": best.__dict__,
+            "loss_window": [v.item() for v in window]})
 
     lengths = [len(ids) for ids in train_ds["input_ids"]] if cfg.data.group_by_length else None
 
@@ -180,72 +190,84 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
     # Clip over the model's whole parameter list (frozen ones have no grad): it is what accelerate recognizes to clip
     # FSDP1 by the global norm; a list of the trainable ones alone gets each shard clipped by its own norm.
     stream, params = micro_batches(start * t.grad_accum), list(model.parameters())
-    res, t0, window, tokens = TrainResult(steps=start), time.perf_counter(), [], torch.zeros((), dtype=torch.long)
+    res, t0, tokens = TrainResult(steps=start), time.perf_counter(), torch.zeros((), dtype=torch.long)
     bar = tqdm(total=total, initial=start, desc="train", disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     say = bar.write if accelerator.is_local_main_process else (lambda _: None)  # tqdm.write prints even when disabled
-    for step in range(start + 1, total + 1):
-        model.train()
-        batches = [next(stream) for _ in range(t.grad_accum)]
-        counts = [(b["labels"][:, 1:] != -100).sum() if task == "causal_lm" else torch.tensor(len(b["labels"])) for b in batches]
-        n_global = accelerator.reduce(torch.stack(counts).sum().to(accelerator.device), "sum")
-        step_loss = torch.zeros((), device=accelerator.device)
-        for batch in batches:
-            # accumulate(): gradients sync (DDP, FSDP) and DeepSpeed's engine steps on the step's last micro-batch only.
-            # DDP averages gradients over processes and accelerate / DeepSpeed divide each micro-batch's loss by
-            # train.grad_accum: multiplying by both turns those averages into our global sum.
-            with accelerator.accumulate(model):
-                losses, _ = loss_sum(model, batch, task)
-                accelerator.backward(losses.sum() * nproc * t.grad_accum / n_global)
-            step_loss += losses.sum().detach()
-            counter.attention(batch)
-            res.samples += t.batch_size * nproc  # drop_last: every micro-batch is full
-            # Non-pad tokens, as a tensor: no host sync per micro-batch. A packed batch has no padding at all.
-            tokens += (batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()) * nproc
-        # DeepSpeed clips inside its step (at train.max_grad_norm) and reports the norm as a float
-        grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf")))
-        finite = bool(torch.isfinite(step_loss) and torch.isfinite(grad_norm))  # one host sync per step
-        if not finite and accelerator.scaler is None:  # fp16's GradScaler handles its own overflows (below)
-            if t.on_nonfinite == "stop":
-                raise UserError(f"non-finite loss or gradient at step {step} (loss={step_loss.item()}, grad norm="
-                                f"{float(grad_norm)}); lower train.lr, or set train.on_nonfinite=skip. "
-                                f"Checkpoints already written under {run_dir / 'checkpoints'} are kept")
-            res.skipped_steps += 1
+    with checkpoint.Preemption() as preemption:  # SIGTERM / SIGUSR1: a checkpoint, then exit
+        for step in range(start + 1, total + 1):
+            model.train()
+            batches = [next(stream) for _ in range(t.grad_accum)]
+            counts = [(b["labels"][:, 1:] != -100).sum() if task == "causal_lm" else torch.tensor(len(b["labels"])) for b in batches]
+            n_global = accelerator.reduce(torch.stack(counts).sum().to(accelerator.device), "sum")
+            step_loss = torch.zeros((), device=accelerator.device)
+            for batch in batches:
+                # accumulate(): gradients sync (DDP, FSDP) and DeepSpeed's engine steps on the step's last micro-batch only.
+                # DDP averages gradients over processes and accelerate / DeepSpeed divide each micro-batch's loss by
+                # train.grad_accum: multiplying by both turns those averages into our global sum.
+                with accelerator.accumulate(model):
+                    losses, _ = loss_sum(model, batch, task)
+                    accelerator.backward(losses.sum() * nproc * t.grad_accum / n_global)
+                step_loss += losses.sum().detach()
+                counter.attention(batch)
+                res.samples += t.batch_size * nproc  # drop_last: every micro-batch is full
+                # Non-pad tokens, as a tensor: no host sync per micro-batch. A packed batch has no padding at all.
+                tokens += (batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()) * nproc
+            # DeepSpeed clips inside its step (at train.max_grad_norm) and reports the norm as a float
+            grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf")))
+            finite = bool(torch.isfinite(step_loss) and torch.isfinite(grad_norm))  # one host sync per step
+            if not finite and accelerator.scaler is None:  # fp16's GradScaler handles its own overflows (below)
+                if t.on_nonfinite == "stop":
+                    raise UserError(f"non-finite loss or gradient at step {step} (loss={step_loss.item()}, grad norm="
+                                    f"{float(grad_norm)}); lower train.lr, or set train.on_nonfinite=skip. "
+                                    f"Checkpoints already written under {run_dir / 'checkpoints'} are kept")
+                res.skipped_steps += 1
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            optimizer.step()  # with fp16's GradScaler: an overflow skips the update and lowers the loss scale
+            if accelerator.optimizer_step_was_skipped:
+                res.overflow_steps += 1
+            else:
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            continue
-        optimizer.step()  # with fp16's GradScaler: an overflow skips the update and lowers the loss scale
-        if accelerator.optimizer_step_was_skipped:
-            res.overflow_steps += 1
-        else:
-            scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        window.append(accelerator.reduce(step_loss, "sum") / n_global)
-        bar.update(1)
-        if step % t.log_every == 0 or step == total:
-            res.train_loss = torch.stack(window).mean().item()
-            log.write(step, {"train/loss": res.train_loss, "train/lr": scheduler.get_last_lr()[0],
-                             "train/grad_norm": float(grad_norm), "train/samples": step * t.grad_accum * t.batch_size * nproc})
-            bar.set_postfix(loss=f"{res.train_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            window = []
-        if (t.eval_every and step % t.eval_every == 0) or step == total:
-            t_eval = time.perf_counter()
-            res.eval = evaluate(model, eval_loader, cfg, accelerator)
-            for extra in extra_evals:
-                res.eval.update(extra(model, step))
-            res.eval_s += time.perf_counter() - t_eval
-            log.write(step, {f"eval/{k}": v for k, v in res.eval.items()})
-            say(f"step {step}: " + "  ".join(f"eval/{k}={v:.4f}" if isinstance(v, float) else f"eval/{k}={v}"
-                                                   for k, v in res.eval.items()))
-            if best.update(step, res.eval) and t.save_best:
-                checkpoint.save_best(accelerator, model, run_dir, step)
-        if t.save_every and step % t.save_every == 0:
-            checkpoint.save(accelerator, run_dir, step, t.keep_checkpoints, extra={"best": best.__dict__})
-        checkpoint.crash_point("step", step)
-        res.steps = step
-        if t.early_stopping_patience and best.evals_since >= t.early_stopping_patience:
-            say(f"early stop at step {step}: {metric} has not improved on step {best.step}'s "
-                      f"{best.value:.4f} for {best.evals_since} evaluations")
-            res.stopped_early = True
-            break
+            window.append(accelerator.reduce(step_loss, "sum") / n_global)
+            bar.update(1)
+            if step % t.log_every == 0 or step == total:
+                res.train_loss = torch.stack(window).mean().item()
+                log.write(step, {"train/loss": res.train_loss, "train/lr": scheduler.get_last_lr()[0],
+                                 "train/grad_norm": float(grad_norm), "train/samples": step * t.grad_accum * t.batch_size * nproc})
+                bar.set_postfix(loss=f"{res.train_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                window = []
+            if (t.eval_every and step % t.eval_every == 0) or step == total:
+                t_eval = time.perf_counter()
+                res.eval = evaluate(model, eval_loader, cfg, accelerator)
+                for extra in extra_evals:
+                    res.eval.update(extra(model, step))
+                res.eval_s += time.perf_counter() - t_eval
+                log.write(step, {f"eval/{k}": v for k, v in res.eval.items()})
+                say(f"step {step}: " + "  ".join(f"eval/{k}={v:.4f}" if isinstance(v, float) else f"eval/{k}={v}"
+                                                       for k, v in res.eval.items()))
+                if best.update(step, res.eval) and t.save_best:
+                    checkpoint.save_best(accelerator, model, run_dir, step)
+            saved = bool(t.save_every and step % t.save_every == 0)
+            if saved:
+                save_checkpoint(step)
+            checkpoint.crash_point("step", step)
+            res.steps = step
+            if t.early_stopping_patience and best.evals_since >= t.early_stopping_patience:
+                say(f"early stop at step {step}: {metric} has not improved on step {best.step}'s "
+                          f"{best.value:.4f} for {best.evals_since} evaluations")
+                res.stopped_early = True
+                break
+            if preemption.requested(accelerator):  # every process, at the same step: a collective decision
+                if not saved:
+                    save_checkpoint(step)
+                bar.close()
+                if accelerator.is_main_process:
+                    got = signal.Signals(preemption.signum).name if preemption.signum else "another process's signal"
+                    print(f"lorafit: {got}: stopped after step {step} with a checkpoint in {run_dir / 'checkpoints'}; continue with "
+                          f"train.resume=auto (exit code {checkpoint.PREEMPTED_EXIT})", file=sys.stderr, flush=True)
+                accelerator.end_training()
+                raise SystemExit(checkpoint.PREEMPTED_EXIT)
     bar.close()
     if t.save_best and best.step is not None and best.step != res.steps:
         checkpoint.load_best(accelerator, model, run_dir, best.step)  # the hooks see (and save) the best model
@@ -308,5 +330,21 @@ class MetricsLog:
         beside them); the resumed run logs it again."""
         for path in (self.path, self.path.with_name("generations.jsonl")):
             if self.accelerator.is_main_process and path.is_file():
-                keep = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= step]
-                path.write_text("".join(l + "\n" for l in keep))
+                keep = [line for line, record in _records(path) if record["step"] <= step]
+                path.write_text("".join(line + "\n" for line in keep))
+
+
+def _records(path: Path) -> list[tuple[str, dict]]:
+    """The lines of `path` with their JSON records. A torn last line (the process died while writing it) is dropped:
+    a line is written before its step's checkpoint, so a torn one is past every checkpoint and the resumed run writes
+    it again. Any other line that is not JSON was not written by lorafit."""
+    lines, out = [l for l in path.read_text().splitlines() if l], []
+    for i, line in enumerate(lines):
+        try:
+            out.append((line, json.loads(line)))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise UserError(f"{path} line {i + 1} is not JSON: {line[:60]!r}; repair or move the file, or start over "
+                            "with train.overwrite=true") from None
+    return out

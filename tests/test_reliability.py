@@ -159,10 +159,14 @@ def test_long_rows_are_truncated_with_a_count(tmp_path):
 
 
 def test_no_secret_reaches_the_run_dir(tmp_path):
+    """A token pasted into the config (here as the run name) must not reach config.yaml, Hydra's .hydra/ record of
+    the overrides, nor the tracker's config: redaction has to act for the test to pass."""
     fake = "hf_FAKEtoken0123456789abcdefghijklmnop"
     out = run_cli(*TINY_CLS, "train.max_steps=2", "hooks=[save_adapter,spectrum]", "logging=tensorboard",
-                  f"hydra.run.dir={tmp_path}", env={"HF_TOKEN": fake, "WANDB_API_KEY": fake + "w"})
+                  f"logging.run_name={fake}", f"hydra.run.dir={tmp_path}", env={"HF_TOKEN": fake, "WANDB_API_KEY": fake + "w"})
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "run_name: <redacted>" in (tmp_path / "config.yaml").read_text()
+    assert (tmp_path / ".hydra" / "overrides.yaml").is_file()
     for f in tmp_path.rglob("*"):
         if f.is_file():
             assert fake.encode() not in f.read_bytes(), f
