@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from lorafit.cli import user_errors_as_one_line
+from lorafit.cli import quiet_libraries, user_errors_as_one_line
 from lorafit.errors import UserError
 
 
@@ -200,6 +200,7 @@ def parse_args(argv=None):
 
 @user_errors_as_one_line
 def main(argv=None) -> list[dict]:
+    quiet_libraries()
     args = parse_args(argv)
     rows = [{"prompt": p} for p in args.prompt] + (_read_prompts(args.file) if args.file else [])
     loaded = load(args.path, args.base, args.allow_pickle)

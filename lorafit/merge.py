@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from lorafit.cli import user_errors_as_one_line
+from lorafit.cli import quiet_libraries, user_errors_as_one_line
 from lorafit.config import MERGE_DTYPES
 from lorafit.errors import UserError, atomic_dir
 from lorafit.export import GGUF_TYPES
@@ -351,6 +351,7 @@ def parse_args(argv=None):
 
 @user_errors_as_one_line
 def main(argv=None) -> dict:
+    quiet_libraries()
     from lorafit.saved import base_name, run_config, saved_tokenizer
     from lorafit.analysis.spectrum import adapter_dir, read_adapter
     from lorafit.models import resolve

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from lorafit.cli import user_errors_as_one_line
+from lorafit.cli import quiet_libraries, user_errors_as_one_line
 from lorafit.errors import UserError, atomic_dir
 
 
@@ -139,6 +139,7 @@ def parse_args(argv=None):
 
 @user_errors_as_one_line
 def main(argv=None) -> dict:
+    quiet_libraries()
     from lorafit.analysis.spectrum import adapter_dir
 
     args = parse_args(argv)
