@@ -345,6 +345,7 @@ def parse_args(argv=None):
     p.add_argument("--combination", default="linear", choices=["linear", "svd", "ties", "cat"])
     p.add_argument("--stream", action="store_true", help="shard-by-shard merge of a safetensors checkpoint (bounded memory)")
     p.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin (a pickle: only if you trust it)")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the base's own Python code (auto_map), only if you trust it")
     p.add_argument("--gguf", choices=GGUF_TYPES, help="also write OUT/model-TYPE.gguf for llama.cpp / Ollama (Llama models)")
     return p.parse_args(argv)
 
@@ -375,7 +376,7 @@ def main(argv=None) -> dict:
         print(f"merged {report['merged_modules']} modules over {report['shards']} shards into {out}; "
               f"max relative module-probe error {report['max_abs_diff_module_probe']:.2e}")
         return _export(report, out, args.gguf)
-    cfg, info = run_config(dirs[0], state, config, base)
+    cfg, info = run_config(dirs[0], state, config, base, args.trust_remote_code)
     tokenizer = saved_tokenizer(cfg.model, dirs[0])
     probe = _probe(tokenizer, cfg.model)
     report = merge_and_verify(merge_base(cfg, info.get("labels"), args.dtype), dirs, out, probe, cfg, args.dtype,
