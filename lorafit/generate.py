@@ -189,8 +189,8 @@ def _texts(loaded: Loaded, rows: list[tuple[str, dict]]) -> list:
             raise UserError(f"{where}: this classifier reads sentence pairs ({' + '.join(columns)}, its run's "
                             f"data.text_columns): pass --file rows like {example}")
         elif not any(k in row for k in ("prompt", "text", "messages")):
-            fields = ", ".join(map(repr, dict.fromkeys(columns + ("prompt", "text", "messages"))))
-            raise UserError(f"{where}: needs a {fields} field")
+            fields = [repr(f) for f in dict.fromkeys(columns + ("prompt", "text", "messages"))]
+            raise UserError(f"{where}: needs a {', '.join(fields[:-1])} or {fields[-1]} field")
         else:
             turns = _turns(row)
             out.append((turns[-1]["content"],) if columns else turns)
