@@ -237,7 +237,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m lorafit.generate", description="Generate with (or classify by) a trained model.")
     p.add_argument("path", help="a lorafit run dir, a PEFT adapter dir, or a merged model dir")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    p.add_argument("--file", type=Path, help="jsonl of prompts ({'prompt': ...} or {'messages': [...]}), batched")
+    p.add_argument("--file", type=Path, help="jsonl of prompts ({'prompt': ...} or {'messages': [...]}, a final assistant turn "
+                   "being the reference), batched; a classifier's rows may name its run's text columns (a pair: both)")
     p.add_argument("--out", type=Path, help="with --file: where to write the outputs (jsonl; default: stdout)")
     p.add_argument("--chat", action="store_true", help="an interactive conversation")
     p.add_argument("--raw", action="store_true", help="no chat template: continue the text as it is (plain-text LMs)")
