@@ -96,13 +96,13 @@ def save_initial_adapter(model, cfg, run_dir) -> None:
 
 def save(model, cfg, run_dir, out, labels: list[str] | None) -> None:
     """The final adapter in plain PEFT format (PiSSA/OLoRA converted to plain LoRA on the original base), with
-    lorafit.json beside it: the labels, and the model and quant config in full, so `lorafit.merge` rebuilds the
-    very base it trained on (double quant, storage, compute dtype, revision)."""
+    lorafit.json beside it: the labels, the model and quant config in full, so `lorafit.merge` rebuilds the
+    very base it trained on (double quant, storage, compute dtype, revision), and how texts were fed (_data_info)."""
     import json
     import warnings
 
     (out / RUN_INFO).write_text(json.dumps({"task": cfg.model.task, "labels": labels, "model": OmegaConf.to_container(cfg.model),
-                                            "quant": OmegaConf.to_container(cfg.quant)}, indent=1))
+                                            "quant": OmegaConf.to_container(cfg.quant), "data": _data_info(cfg)}, indent=1))
     if not (cfg.lora.init in CONVERTED_INITS and cfg.lora.method == "lora"):
         model.save_pretrained(str(out), safe_serialization=True)
         return
@@ -121,6 +121,16 @@ def save(model, cfg, run_dir, out, labels: list[str] | None) -> None:
     full = {k: v.contiguous() for k, v in get_peft_model_state_dict(model).items() if ".lora_" not in k and k not in saved}
     if full:
         save_file({**saved, **full}, path, metadata={"format": "pt"})
+
+
+def _data_info(cfg) -> dict:
+    """How the run fed text to the model: `lorafit.generate` classifies new texts the same way (its columns, a
+    sentence pair for two, cut at its max_length), not at the tokenizer's or the model's own limit."""
+    from lorafit.data import GLUE_TASKS
+
+    d = cfg.data
+    columns = ["text"] if d.source == "bbc_news" else list(GLUE_TASKS[d.task][0]) if d.source == "glue" else list(d.text_columns)
+    return {"max_length": d.max_length, "text_columns": columns if cfg.model.task == "seq_cls" else None}
 
 
 def parameter_report(model) -> dict:

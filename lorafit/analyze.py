@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lorafit.cli import user_errors_as_one_line
+from lorafit.cli import quiet_libraries, user_errors_as_one_line
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,6 +42,7 @@ def compare_labels(paths: list[str]) -> list[str]:
 
 @user_errors_as_one_line
 def main(argv=None) -> Path:
+    quiet_libraries()
     from lorafit.analysis import base as base_weights
     from lorafit.analysis.report import analyze, summary_line, write
     from lorafit.analysis.spectrum import read_adapter

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorafit.cli import user_errors_as_one_line
+from lorafit.cli import quiet_libraries, user_errors_as_one_line
 from lorafit.errors import UserError, atomic_dir, check_output
 
 PLAN_FILE = "lowrank.json"
@@ -145,6 +145,7 @@ def parse_args(argv=None):
 
 @user_errors_as_one_line
 def main(argv=None) -> dict:
+    quiet_libraries()
     from transformers import AutoConfig
 
     from lorafit.models import auto_class, resolve

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from lorafit.cli import user_errors_as_one_line
+from lorafit.cli import quiet_libraries, user_errors_as_one_line
 from lorafit.config import MERGE_DTYPES
 from lorafit.errors import UserError, atomic_dir, check_output
 from lorafit.export import GGUF_TYPES
@@ -381,6 +381,7 @@ def parse_args(argv=None):
                    help="sum (default): exactly Σ wᵢ·ΔWᵢ; the others are peft's add_weighted_adapter combinations")
     p.add_argument("--stream", action="store_true", help="shard-by-shard merge of a safetensors checkpoint (bounded memory)")
     p.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin (a pickle: only if you trust it)")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the base's own Python code (auto_map), only if you trust it")
     p.add_argument("--gguf", choices=GGUF_TYPES, help="also write OUT/model-TYPE.gguf for llama.cpp / Ollama (Llama models)")
     p.add_argument("--overwrite", action="store_true", help="replace --out even if it is not empty and not a merged model")
     return p.parse_args(argv)
@@ -388,6 +389,7 @@ def parse_args(argv=None):
 
 @user_errors_as_one_line
 def main(argv=None) -> dict:
+    quiet_libraries()
     from lorafit.saved import base_name, run_config, saved_tokenizer
     from lorafit.analysis.spectrum import adapter_dir, read_adapter
     from lorafit.models import resolve
@@ -414,7 +416,7 @@ def main(argv=None) -> dict:
         print(f"merged {report['merged_modules']} modules over {report['shards']} shards into {out}; "
               f"max relative module-probe error {report['max_abs_diff_module_probe']:.2e}")
         return _export(report, out, args.gguf)
-    cfg, info = run_config(dirs[0], state, config, base)
+    cfg, info = run_config(dirs[0], state, config, base, args.trust_remote_code)
     tokenizer = saved_tokenizer(cfg.model, dirs[0])
     probe = _probe(tokenizer, cfg.model)
     report = merge_and_verify(merge_base(cfg, info.get("labels"), args.dtype), dirs, out, probe, cfg, args.dtype,

@@ -7,6 +7,7 @@ does: Matthews correlation for CoLA, Pearson for STS-B, accuracy elsewhere, perp
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 
@@ -65,11 +66,24 @@ def language_model(loss_sum: float, n_tokens: int) -> dict[str, float]:
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
+# rouge-score's default tokenizer keeps [a-z0-9] only, so a reply in Chinese or Russian has no tokens and scores 0
+# even when it is the reference itself. Words are runs of Unicode letters and digits instead (the same tokens as the
+# default for ASCII text); CJK and kana, written without spaces, count one character at a time, as in CJK ROUGE.
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_WORDS = re.compile(f"[{_CJK}]|[^\\W_{_CJK}]+")
+
+
+def rouge_tokens(text: str) -> list[str]:
+    return _WORDS.findall(text.lower())
+
+
 def generation(outputs: list[str], references: list[str]) -> dict[str, float]:
-    """Exact match (after stripping whitespace) and ROUGE-L F1 (google's rouge-score, as HF evaluate uses) of
-    generated replies against the reference replies."""
+    """Exact match (after stripping whitespace) and ROUGE-L F1 (google's rouge-score, as HF evaluate uses, over
+    rouge_tokens) of generated replies against the reference replies."""
+    from types import SimpleNamespace
+
     from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=SimpleNamespace(tokenize=rouge_tokens))
     return {"exact_match": mean([float(o.strip() == r.strip()) for o, r in zip(outputs, references)]),
             "rouge_l": mean([scorer.score(r, o)["rougeL"].fmeasure for o, r in zip(outputs, references)])}

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
+from lorafit.cli import quiet_libraries
 from lorafit.config import validate
 from lorafit.errors import UserError
 
@@ -208,24 +209,6 @@ def _wandb_resume(run_dir: Path, resume: str | None) -> dict:
     return {"id": run_id}
 
 
-def _quiet_libraries() -> None:
-    """Keep the terminal for lorafit's own progress bar and summary: libraries show errors only, and warnings
-    that concern the run (truncation, bad data) come from lorafit's own logger."""
-    import warnings
-
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    for name in ("accelerate", "DeepSpeed", "compilers"):  # a line per checkpoint file; DeepSpeed's op builds
-        logging.getLogger(name).setLevel(logging.WARNING)
-    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)  # int8 warns on every matmul
-    # At import, on AVX512-BF16 CPUs: an optional fused 4-bit kernel lorafit never runs (models.one_4bit_compute_path).
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    # peft 0.21 calls transformers 5's deprecated name on every get_peft_model: nothing for the user to change.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
-
-
 def run(cfg, run_dir: Path | None = None) -> float:
     """Train one adapter as `cfg` says; return the primary eval metric (what a sweeper optimizes)."""
     from accelerate.utils import set_seed
@@ -234,7 +217,7 @@ def run(cfg, run_dir: Path | None = None) -> float:
     from lorafit.train import MetricsLog, forgetting_eval, train
 
     t_start = time.perf_counter()
-    _quiet_libraries()
+    quiet_libraries()
     validate(cfg)
     run_dir = Path(run_dir or _run_dir())
     hooks.check_output_dirs(cfg, run_dir)  # a hook dir that would replace a foreign folder: refused before training

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from lorafit.cli import user_errors_as_one_line
+from lorafit.cli import quiet_libraries, user_errors_as_one_line
 from lorafit.errors import UserError, atomic_dir, check_output
 
 
@@ -68,21 +68,20 @@ def shrink(adapter: Path, out: Path, energy: float | None = None, rank: int | No
 
 
 def dampen_intruders(adapter: Path, out: Path, lam: float, k: int = 10, eps: float = 0.5, base: str | None = None,
-                     overwrite: bool = False) -> dict:
+                     overwrite: bool = False, trust_remote_code: bool = False) -> dict:
     """peft's reduce_intruder_dimension on this adapter: intruder directions of W0 + ΔW scaled by `lam` (0 removes
     them, 1 keeps them), re-factored at the adapter's rank. Needs the float base (the adapter's, or `base`)."""
-    from peft import PeftModel
     from peft.tuners.lora.intruders import reduce_intruder_dimension
     from safetensors.torch import load_file, save_file
 
     from lorafit.analysis.spectrum import ADAPTER_WEIGHTS, read_adapter
     from lorafit.models import build_model
-    from lorafit.saved import base_name, run_config
+    from lorafit.saved import attach, base_name, run_config
 
     config, state = read_adapter(adapter)
     base = base_name(adapter, config, base)
-    cfg, info = run_config(adapter, state, config, base)
-    model = PeftModel.from_pretrained(build_model(cfg, info.get("labels"), quantize=False), adapter)
+    cfg, info = run_config(adapter, state, config, base, trust_remote_code)
+    model = attach(build_model(cfg, info.get("labels"), quantize=False), adapter, base)
     lines: list[str] = []
     reduce_intruder_dimension(model, top_k=k, threshold_epsilon=eps, mitigation_lambda=lam, logging_sink=lines.append)
     counts = peft_intruder_counts(lines)
@@ -130,6 +129,7 @@ def parse_args(argv=None):
     which.add_argument("--intruders", type=float, metavar="LAMBDA",
                        help="instead: scale intruder dimensions by LAMBDA (peft's reduce_intruder_dimension; 0.75 as peft)")
     p.add_argument("--base", help="with --intruders: the float base (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--trust-remote-code", action="store_true", help="with --intruders: run the base's own Python code")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--overwrite", action="store_true", help="replace --out even if it is not empty and not this kind of output")
     args = p.parse_args(argv)
@@ -141,6 +141,7 @@ def parse_args(argv=None):
 
 @user_errors_as_one_line
 def main(argv=None) -> dict:
+    quiet_libraries()
     from lorafit.analysis.spectrum import adapter_dir
 
     args = parse_args(argv)
@@ -148,7 +149,8 @@ def main(argv=None) -> dict:
     # Before any work: --out may not replace the adapter or the run dir holding it (errors.check_output).
     check_output(args.out, "dampened" if args.intruders is not None else "shrunk", [adapter, args.adapter], args.overwrite)
     if args.intruders is not None:
-        report = dampen_intruders(adapter, args.out, args.intruders, base=args.base, overwrite=args.overwrite)
+        report = dampen_intruders(adapter, args.out, args.intruders, base=args.base, overwrite=args.overwrite,
+                                  trust_remote_code=args.trust_remote_code)
         print(f"intruder dimensions scaled by {args.intruders} in {sum(c > 0 for c in report['intruders'].values())} of "
               f"{len(report['intruders'])} modules ({report['total']} in all); {args.out}")
         return report

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from lorafit.cli import user_errors_as_one_line
+from lorafit.cli import quiet_libraries, user_errors_as_one_line
 from lorafit.metrics import higher_is_better, mean
 
 
@@ -290,6 +290,7 @@ def _markdown(runs, rec, spec, phi, advisor, images) -> str:
 
 @user_errors_as_one_line
 def main(argv=None) -> Path:
+    quiet_libraries()
     p = argparse.ArgumentParser(prog="python -m lorafit.sweep_report", description="Summarize a rank sweep.")
     p.add_argument("sweep_dir")
     p.add_argument("--tolerance", type=float, default=0.005,

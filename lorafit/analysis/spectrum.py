@@ -97,6 +97,10 @@ def read_adapter(path: str | Path, allow_pickle: bool = False) -> tuple[dict, di
     if not path.is_dir():
         raise UserError(f"{path}: no such adapter dir")
     if not (path / ADAPTER_CONFIG).is_file():
+        full = next((d for d in (path / "model", path) if (d / "config.json").is_file()), None)
+        if full is not None:  # a lora=full run dir (run_dir/model) or a merged model: no adapter in it
+            raise UserError(f"{path}: holds a full model ({full}), not a LoRA adapter; lorafit.generate and "
+                            "lorafit.compress take it as it is")
         raise UserError(f"{path}: not a PEFT adapter (no {ADAPTER_CONFIG}); pass an adapter dir or a lorafit run dir")
     try:
         config = json.loads((path / ADAPTER_CONFIG).read_text())
