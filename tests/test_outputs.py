@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_CLS, TINY_LM, run_inprocess
-from safetensors.torch import load_file
 
 from lorafit.errors import UserError
 
