@@ -125,7 +125,8 @@ def test_hook_dirs_are_checked_before_training(tmp_path, monkeypatch, hook, targ
         (run_dir / out / marker).write_text("{}")
     before = snapshot(tmp_path)
     if TARGETS[target][False]:
-        run(compose(*overrides), run_dir=run_dir)
+        # the same run dir again: replacing its run is asked for (train.overwrite), its hook output may be replaced
+        run(compose(*overrides, *(["train.overwrite=true"] if target == "same kind" else [])), run_dir=run_dir)
         assert json.loads((run_dir / out / marker).read_text())
         assert (tmp_path / "runs" / "other_run" / "summary.json").is_file() and (cwd / "mine.txt").is_file()
     else:

@@ -218,4 +218,6 @@ def test_every_cli_prints_only_lorafit_lines(cls_run, lm_run, tmp_path):
     assert cli("analyze", cls_run, "--no-plots", "--out", tmp_path / "a").returncode == 0
     assert "no job dirs" in error_line(cli("sweep_report", tmp_path / "a"))
     out = cli("", *TINY_CLS, "train.max_steps=2", f"hydra.run.dir={tmp_path / 'run'}")
-    assert out.returncode == 0 and out.stdout.lstrip().startswith("trainable params:"), out.stdout
+    assert out.returncode == 0 and "trainable params:" in out.stdout, out.stdout
+    before = out.stdout[:out.stdout.index("trainable params:")].splitlines()
+    assert all(re.match(r"\[[-\d :,]+\]\[lorafit(\.\w+)*\]\[(INFO|WARNING)\] - ", l) for l in before if l.strip()), before

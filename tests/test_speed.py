@@ -132,7 +132,7 @@ def test_group_by_length_trains_and_resumes_bitwise(tmp_path, write_jsonl):
     rows = [{"prompt": "word " * (i % 37 + 1), "response": f"answer {i}"} for i in range(64)]
     train, ev = write_jsonl("t.jsonl", rows), write_jsonl("e.jsonl", rows[:8])
     common = [*TINY_LM, "data=sft", f"data.train_file={train}", f"data.eval_file={ev}", "data.group_by_length=true",
-              "train.max_steps=12", "train.save_every=4", "lora.dropout=0.1", "hooks=[save_adapter]"]
+              "train.max_steps=12", "train.save_every=4", "train.keep_checkpoints=3", "lora.dropout=0.1", "hooks=[save_adapter]"]
     full, _ = run_inprocess(tmp_path / "a", *common)
     cut, _ = run_inprocess(tmp_path / "b", *common)
     import shutil
@@ -141,7 +141,8 @@ def test_group_by_length_trains_and_resumes_bitwise(tmp_path, write_jsonl):
     shutil.rmtree(cut / "checkpoints" / "step_8")
     from lorafit.run import run
 
-    run(compose(*common, "train.resume=auto"), run_dir=cut)
+    run(compose(*common, "train.resume=auto"), run_dir=cut)  # from step 4 (with 2 kept there was none: a fresh start)
+    assert (cut / "checkpoints" / "step_8").is_dir()
     a, b = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (full, cut))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
