@@ -60,7 +60,7 @@ def load(path: str | Path, base: str | None = None, allow_pickle: bool = False, 
     tokenizer = saved_tokenizer(cfg.model, adir)
     if tokenizer is None:
         raise UserError(f"no tokenizer beside {adir} or with the base {base!r}: generation needs one")
-    model = attach(build_model(cfg, info.get("labels")), adir, base)
+    model = attach(build_model(cfg, info.get("labels")), [adir], base)
     return Loaded(model.eval(), tokenizer, info["task"], info.get("labels"), info.get("data") or {})
 
 

@@ -41,7 +41,8 @@ def check_output_dirs(cfg, run_dir: Path) -> None:
     names a foreign non-empty folder, the run dir or a folder above it is refused now, not after the training."""
     merges = cfg.hooks.merge is not None and cfg.lora.method != "full"  # lora=full has nothing to merge
     if cfg.hooks.save_adapter is not None or merges:
-        check_output(adapter_out(cfg, run_dir)[1], "adapter", _run_inputs(run_dir), flag=adapter_out(cfg, run_dir)[0])
+        key, out = adapter_out(cfg, run_dir)
+        check_output(out, "adapter", _run_inputs(run_dir), flag=key)
     if merges:
         check_output(run_dir / cfg.hooks.merge.dir, "merged", _run_inputs(run_dir), flag="hooks.merge.dir")
 

@@ -96,19 +96,13 @@ def merge_and_verify(base_model, adapter_dirs: list[Path], out_dir: Path, probe:
     tolerance of the lowest precision the trained model holds or computes its base in. LLM.int8 is the exception: its
     inference quantizes activations, which no float merge reproduces, so that difference is recorded, not held to a
     tolerance."""
-    from peft import PeftModel
+    from lorafit.saved import attach
 
     tied = _tied(base_model)
-    try:
-        peft_model = PeftModel.from_pretrained(base_model, str(adapter_dirs[0]), adapter_name="a0")
-        for i, d in enumerate(adapter_dirs[1:], 1):
-            peft_model.load_adapter(str(d), adapter_name=f"a{i}")
-    except (RuntimeError, ValueError) as e:  # size mismatch or missing modules: the adapter was trained on another base
-        raise UserError(f"adapter {adapter_dirs[0]} does not fit base {getattr(base_model.config, '_name_or_path', '?')}: "
-                        f"{str(e).strip().splitlines()[-1][:200]}; pass the right --base") from None
+    names = [f"a{i}" for i in range(len(adapter_dirs))]
+    peft_model = attach(base_model, adapter_dirs, getattr(base_model.config, "_name_or_path", "?"), names)
     weights = weights or [1.0 / len(adapter_dirs)] * len(adapter_dirs)
     if len(adapter_dirs) > 1:
-        names = [f"a{i}" for i in range(len(adapter_dirs))]
         _scale_adapters(peft_model, names, weights)
         weighted_sum = logits(peft_model, probe)  # what a weighted merge should compute
         if combination != "sum":  # peft's combinations build one new adapter and apply the weights themselves

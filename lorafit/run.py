@@ -30,10 +30,14 @@ def redact(obj, found: set | None = None):
     found = set() if found is None else found
     secrets = {v for k in SECRET_ENV if (v := os.environ.get(k))}
     if isinstance(obj, dict):
+        out = {}
         for k, v in obj.items():
-            if SECRET_KEY.search(str(k)) and isinstance(v, str) and v:
-                found.add(v)
-        return {k: "<redacted>" if SECRET_KEY.search(str(k)) and obj[k] else redact(v, found) for k, v in obj.items()}
+            if SECRET_KEY.search(str(k)) and v:
+                found.update([v] if isinstance(v, str) else [])
+                out[k] = "<redacted>"
+            else:
+                out[k] = redact(v, found)
+        return out
     if isinstance(obj, list):
         return [redact(v, found) for v in obj]
     if isinstance(obj, str) and obj in secrets:

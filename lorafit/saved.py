@@ -88,15 +88,23 @@ def _run_info(adapter_dir: Path, state: dict, config: dict, base: str, trust_rem
     return {"task": task, "labels": labels, "model": {}, "quant": {"mode": "none"}}
 
 
-def attach(base_model, adapter_dir: Path, base: str):
-    """The adapter on `base_model` (peft), or one line saying it was trained on another base."""
+def attach(base_model, adapter_dirs: list[Path], base: str, names: list[str] | None = None):
+    """The adapters on `base_model` through peft (each under its name in `names`, the first one active; peft's
+    "default" for a single unnamed one), or one line naming the adapter that was trained on another base."""
     from peft import PeftModel
 
-    try:
-        return PeftModel.from_pretrained(base_model, str(adapter_dir))
-    except (RuntimeError, ValueError) as e:  # size mismatch, or no module of this base is the adapter's target
-        raise UserError(f"adapter {adapter_dir} does not fit base {base!r}: {str(e).strip().splitlines()[-1][:200]}; "
-                        "pass the base it was trained on with --base") from None
+    names = names or ["default"] * len(adapter_dirs)
+    model = None
+    for d, name in zip(adapter_dirs, names):
+        try:
+            if model is None:
+                model = PeftModel.from_pretrained(base_model, str(d), adapter_name=name)
+            else:
+                model.load_adapter(str(d), adapter_name=name)
+        except (RuntimeError, ValueError) as e:  # size mismatch, or no module of this base is the adapter's target
+            raise UserError(f"adapter {d} does not fit base {base!r}: {str(e).strip().splitlines()[-1][:200]}; "
+                            "pass the base it was trained on with --base") from None
+    return model
 
 
 def saved_tokenizer(cfg_model, adapter_dir: Path):

@@ -81,7 +81,7 @@ def dampen_intruders(adapter: Path, out: Path, lam: float, k: int = 10, eps: flo
     config, state = read_adapter(adapter)
     base = base_name(adapter, config, base)
     cfg, info = run_config(adapter, state, config, base, trust_remote_code)
-    model = attach(build_model(cfg, info.get("labels"), quantize=False), adapter, base)
+    model = attach(build_model(cfg, info.get("labels"), quantize=False), [adapter], base)
     lines: list[str] = []
     reduce_intruder_dimension(model, top_k=k, threshold_epsilon=eps, mitigation_lambda=lam, logging_sink=lines.append)
     counts = peft_intruder_counts(lines)

@@ -82,6 +82,14 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subproce
                           env={**os.environ, **(env or {})}, timeout=timeout)
 
 
+def cli_run_dir(tmp_path_factory, *args: str) -> Path:
+    """A fresh run dir holding a finished `python -m lorafit ARGS` run (for module-scoped reference runs)."""
+    run_dir = tmp_path_factory.mktemp("full")
+    out = run_cli(*args, f"hydra.run.dir={run_dir}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    return run_dir
+
+
 def metrics_lines(run_dir: Path) -> list[dict]:
     return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLS_EVAL, CLS_TRAIN, TINY_CLS, metrics_lines, run_cli, run_inprocess
+from conftest import CLS_EVAL, CLS_TRAIN, TINY_CLS, cli_run_dir, metrics_lines, run_cli, run_inprocess
 from safetensors.torch import load_file
 
 RESUMABLE = [*TINY_CLS, "train.max_steps=10", "train.save_every=2", "train.keep_checkpoints=3", "lora.dropout=0.1",
@@ -18,10 +18,7 @@ RESUMABLE = [*TINY_CLS, "train.max_steps=10", "train.save_every=2", "train.keep_
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("full")
-    out = run_cli(*RESUMABLE, f"hydra.run.dir={run_dir}")
-    assert out.returncode == 0, out.stderr[-2000:]
-    return run_dir
+    return cli_run_dir(tmp_path_factory, *RESUMABLE)
 
 
 @pytest.mark.parametrize("fault", ["step:1", "step:5", "save:6", "step:9"])

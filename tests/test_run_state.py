@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY_CLS, compose, metrics_lines, run_cli, run_inprocess
+from conftest import REPO, TINY_CLS, cli_run_dir, compose, metrics_lines, run_cli, run_inprocess
 from safetensors.torch import load_file
 
 from lorafit.errors import UserError
@@ -156,10 +156,7 @@ PREEMPTIBLE = [*TINY_CLS, "train.max_steps=200", "train.save_every=0", "lora.dro
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("full")
-    out = run_cli(*PREEMPTIBLE, f"hydra.run.dir={run_dir}")
-    assert out.returncode == 0, out.stderr[-2000:]
-    return run_dir
+    return cli_run_dir(tmp_path_factory, *PREEMPTIBLE)
 
 
 def _resume_matches(run_dir: Path, uninterrupted: Path, stopped_at: int) -> None:
