@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -66,15 +67,54 @@ def check_targets(cfg) -> list[str]:
 
 
 def attach_lora(model, cfg):
-    """The model with LoRA attached through peft; with lora.method=full, the model itself, every weight trainable."""
+    """The model with LoRA attached through peft; with lora.method=full, the model itself, every weight trainable.
+    With lora.init_from, the trained adapter there, trainable, and for a preference objective a frozen copy of it
+    beside it (adapter "ref", lorafit.objectives.as_reference), removed again by drop_reference before the hooks."""
     if cfg.lora.method == "full":
         model.requires_grad_(True)
         return model
-    from peft import get_peft_model
+    from peft import PeftModel, get_peft_model
 
-    return get_peft_model(model, peft_config(cfg))
+    if cfg.lora.init_from is None:
+        return get_peft_model(model, peft_config(cfg))
+    path = init_from_dir(cfg.lora.init_from)
+    try:
+        model = PeftModel.from_pretrained(model, str(path), is_trainable=True)
+        if cfg.objective.name != "sft":
+            model.load_adapter(str(path), adapter_name=REF_ADAPTER, is_trainable=False)
+    except (RuntimeError, ValueError) as e:  # size mismatch, or no module of this base is the adapter's target
+        raise UserError(f"lora.init_from={cfg.lora.init_from!r} does not fit {cfg.model.name}: "
+                        f"{str(e).strip().splitlines()[-1][:200]}; start from an adapter trained on this base") from None
+    c = model.peft_config["default"]
+    log.info("lora.init_from: the adapter in %s (r=%s, alpha=%s, targets %s) trains on%s; lora.r, alpha and "
+             "target_modules of this config are not used", path, c.r, c.lora_alpha, sorted({t.rsplit(".", 1)[-1] for t in c.target_modules}),
+             ", its frozen copy is the reference" if cfg.objective.name != "sft" else "")
+    return model
 
 
+def init_from_dir(path: str) -> Path:
+    """lora.init_from's adapter dir: the dir itself when it holds adapter_config.json, else a lorafit run dir's saved
+    adapter (its hooks.save_adapter.dir), or one line saying what is missing."""
+    p = Path(path).expanduser()
+    if (p / "adapter_config.json").is_file():
+        return p
+    if (p / "config.yaml").is_file():
+        saved = (OmegaConf.load(p / "config.yaml").get("hooks") or {}).get("save_adapter") or {}
+        adapter = p / saved.get("dir", "adapter")
+        if (adapter / "adapter_config.json").is_file():
+            return adapter
+        raise UserError(f"lora.init_from={path!r} is a run dir without a saved adapter ({adapter} has no "
+                        "adapter_config.json): did that run finish with the save_adapter hook?")
+    raise UserError(f"lora.init_from={path!r}: no adapter_config.json there, and it is not a lorafit run dir")
+
+
+def drop_reference(model) -> None:
+    """Remove lora.init_from's frozen reference adapter: what is saved, analysed and merged is the trained one."""
+    if REF_ADAPTER in getattr(model, "peft_config", {}):
+        model.delete_adapter(REF_ADAPTER)
+
+
+REF_ADAPTER = "ref"  # lora.init_from's frozen copy, a preference objective's reference
 RUN_INFO = "lorafit.json"  # beside an adapter: what PEFT's format does not carry (see save)
 CONVERTED_INITS = ("pissa", "olora")  # inits that move part of W into A0, B0: saved converted to plain LoRA
 INITIAL_ADAPTER = "initial_adapter"  # run_dir/initial_adapter: A0, B0, what the saved adapter is converted against

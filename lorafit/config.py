@@ -27,7 +27,7 @@ MERGE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --d
 # The closed choices, as enums: OmegaConf rejects any other value at compose time, naming the key and the allowed
 # values. Members are str (StrEnum), so `cfg.model.task == "seq_cls"` and dict lookups work as with plain strings.
 Task = StrEnum("Task", ["seq_cls", "causal_lm"])
-DataSource = StrEnum("DataSource", ["bbc_news", "glue", "files", "sft"])
+DataSource = StrEnum("DataSource", ["bbc_news", "glue", "files", "sft", "preference"])
 MixStrategy = StrEnum("MixStrategy", ["over", "under"])
 ProblemType = StrEnum("ProblemType", ["classification", "regression"])
 SftFormat = StrEnum("SftFormat", ["auto", "messages", "sharegpt", "alpaca", "prompt_response"])
@@ -41,6 +41,7 @@ Precision = StrEnum("Precision", ["auto", "no", "bf16", "fp16"])
 OnNonfinite = StrEnum("OnNonfinite", ["stop", "skip"])
 Tracker = StrEnum("Tracker", ["none", "wandb", "tensorboard"])
 MergeDtype = StrEnum("MergeDtype", list(MERGE_DTYPES))
+ObjectiveName = StrEnum("ObjectiveName", ["sft", "dpo", "ipo", "simpo", "orpo", "kto"])
 GgufType = StrEnum("GgufType", ["f16", "q8_0"])  # lorafit.export.GGUF_TYPES
 
 
@@ -109,6 +110,23 @@ class LoraConfig:
     lr_ratio: Optional[float] = None  # LoRA+: lr of B = lr_ratio * lr of A
     rank_pattern: Dict[str, int] = field(default_factory=dict)
     alpha_pattern: Dict[str, float] = field(default_factory=dict)
+    # Start from a trained adapter (a lorafit run dir or any PEFT adapter dir): its rank, alpha and targets replace
+    # the keys above. A preference objective's reference is then that adapter, frozen (SFT -> DPO).
+    init_from: Optional[str] = None
+
+
+@dataclass
+class ObjectiveConfig:
+    """What the loop minimizes (lorafit/objectives.py). sft: next-token loss on the replies (or the task's loss);
+    dpo | ipo | simpo | orpo on preference pairs (data=preference); kto on rows labelled desirable or not."""
+    name: ObjectiveName = ObjectiveName.sft
+    beta: float = 0.1  # DPO/IPO/KTO: strength of the pull to the reference; SimPO: reward scale; ORPO: odds-ratio weight
+    label_smoothing: float = 0.0  # DPO / SimPO: the share of pairs assumed mislabelled (cDPO)
+    gamma: float = 0.5  # SimPO: the target reward margin
+    sft_weight: float = 0.0  # DPO / IPO / SimPO: plus this times the chosen reply's NLL per token (LLaMA-Factory's pref_ftx)
+    precompute_ref: bool = False  # reference log-probabilities once before training, not one forward per step
+    desirable_weight: float = 1.0  # KTO: weight of desirable rows' losses
+    undesirable_weight: float = 1.0  # KTO: weight of undesirable rows' losses
 
 
 @dataclass
@@ -196,11 +214,58 @@ class Config:
     quant: QuantConfig = field(default_factory=QuantConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     hooks: HooksConfig = field(default_factory=HooksConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 ConfigStore.instance().store(name="lorafit_schema", node=Config)
+
+
+def _objective_problems(cfg) -> list[str]:
+    """The objective's keys, and whether it fits the model, the data and the adapter."""
+    o, d, lo, errors = cfg.objective, cfg.data, cfg.lora, []
+    if o.name == "sft":
+        if d.source == "preference":
+            errors.append("data=preference holds pairs for a preference objective: set objective=dpo (or ipo, simpo, "
+                          "orpo, kto); for SFT on the chosen replies, give them as data=sft rows")
+    else:
+        if cfg.model.task != "causal_lm":
+            errors.append(f"objective={o.name} tunes a causal LM on replies; model.task is {cfg.model.task}: use "
+                          "objective=sft for a classifier")
+        if d.source != "preference":
+            errors.append(f"objective={o.name} reads preference rows (prompt, chosen, rejected; or prompt, completion, "
+                          f"label for KTO): set data=preference (data.source is {d.source})")
+        if d.packing:
+            errors.append(f"data.packing=true packs SFT rows; objective={o.name} scores whole replies: set data.packing=false")
+    if o.beta <= 0:
+        errors.append(f"objective.beta={o.beta} must be > 0")
+    if not 0 <= o.label_smoothing < 0.5:
+        errors.append(f"objective.label_smoothing={o.label_smoothing} must be in [0, 0.5)")
+    elif o.label_smoothing and o.name not in ("dpo", "simpo"):
+        errors.append(f"objective.label_smoothing={o.label_smoothing} applies to dpo and simpo, not {o.name}: set it to 0")
+    if o.gamma < 0:
+        errors.append(f"objective.gamma={o.gamma} must be >= 0")
+    if o.sft_weight < 0:
+        errors.append(f"objective.sft_weight={o.sft_weight} must be >= 0")
+    elif o.sft_weight and o.name not in ("dpo", "ipo", "simpo"):
+        errors.append(f"objective.sft_weight={o.sft_weight} applies to dpo, ipo and simpo (orpo has its NLL term "
+                      f"built in), not {o.name}: set it to 0")
+    if o.desirable_weight <= 0 or o.undesirable_weight <= 0:
+        errors.append(f"objective.desirable_weight={o.desirable_weight} and objective.undesirable_weight="
+                      f"{o.undesirable_weight} must be > 0")
+    if lo.init_from is not None:
+        if lo.method != "lora" or lo.r == "auto":
+            errors.append(f"lora.init_from continues a LoRA adapter: it needs lora.method=lora and an integer lora.r "
+                          f"(its own rank is used), not method={lo.method}, r={lo.r}")
+        else:
+            from lorafit.adapters import init_from_dir
+
+            try:
+                init_from_dir(lo.init_from)
+            except UserError as e:
+                errors.append(str(e))
+    return errors
 
 
 def validate(cfg) -> None:
@@ -276,9 +341,10 @@ def validate(cfg) -> None:
                           "column, or bbc_news)")
         if cfg.eval.forgetting_rows <= 0:
             errors.append(f"eval.forgetting_rows={cfg.eval.forgetting_rows} must be > 0")
-    if cfg.eval.generate and d.source != "sft":
+    if cfg.eval.generate and d.source not in ("sft", "preference"):
         errors.append(f"eval.generate={cfg.eval.generate} scores replies against the reference ones of SFT data: "
-                      f"it needs data=sft (data.source is {d.source}); set eval.generate=0")
+                      f"it needs data=sft or data=preference (data.source is {d.source}); set eval.generate=0")
+    errors += _objective_problems(cfg)
 
     if d.max_length < 8:
         errors.append(f"data.max_length={d.max_length} must be >= 8")
@@ -287,7 +353,7 @@ def validate(cfg) -> None:
 
         if d.task not in GLUE_TASKS:
             errors.append(f"data.task={d.task!r} is not one of: {', '.join(GLUE_TASKS)}")
-    if d.source in ("files", "sft"):
+    if d.source in ("files", "sft", "preference"):
         given = [k for k in ("train_file", "hf_dataset", "mix") if d[k]]
         if len(given) != 1:
             errors.append(f"data.source={d.source} reads one of data.train_file, data.hf_dataset or data.mix"
@@ -310,8 +376,8 @@ def validate(cfg) -> None:
         errors.append(f"data.eval_fraction={d.eval_fraction} must be in (0, 1)")
     if d.source == "files" and not 1 <= len(d.text_columns) <= 2:
         errors.append(f"data.text_columns={list(d.text_columns)} must name one column, or two for sentence pairs")
-    if d.source == "sft" and m.task != "causal_lm":
-        errors.append("data.source=sft needs model.task=causal_lm")
+    if d.source in ("sft", "preference") and m.task != "causal_lm":
+        errors.append(f"data.source={d.source} needs model.task=causal_lm")
     if d.packing and m.task != "causal_lm":
         errors.append(f"data.packing=true needs model.task=causal_lm (it is {m.task}); set data.packing=false")
     if d.source == "glue" and m.task != "seq_cls":
@@ -338,7 +404,7 @@ def validate(cfg) -> None:
         if m.task != "causal_lm" or load_config(m).model_type != "llama":
             errors.append(f"hooks.merge.gguf={cfg.hooks.merge.gguf} exports Llama-architecture causal LMs; "
                           f"{m.name} ({m.task}) is not one: set hooks.merge.gguf=null")
-    if lo.method == "lora" and (lo.r == "auto" or isinstance(lo.r, int)):  # checks against the model's own modules, built on the meta device (no weights loaded)
+    if lo.method == "lora" and lo.init_from is None and (lo.r == "auto" or isinstance(lo.r, int)):  # checks against the model's own modules, built on the meta device (no weights loaded)
         from lorafit.adapters import check_targets
 
         from omegaconf import OmegaConf

@@ -48,7 +48,7 @@ def load_splits(cfg) -> Splits:
         splits = _bbc_news(d.eval_size)
     elif d.source == "glue":
         splits = _glue(d.task)
-    else:  # files | sft: local files, a hub dataset, or a weighted mix of them
+    else:  # files | sft | preference: local files, a hub dataset, or a weighted mix of them
         train, ev = _train_eval_rows(cfg)
         splits = _files(train, ev, cfg) if d.source == "files" else Splits(train, ev, (), None)
     if task == "causal_lm":
@@ -149,6 +149,9 @@ def _train_eval_rows(cfg) -> tuple:
         if d.mix and d.source == "sft":
             formats = sft_format(ds.column_names, d.format, key)
             ds = ds.map(lambda r: {"messages": conversation(r, formats)}, remove_columns=ds.column_names)
+        elif d.mix and d.source == "preference":  # one form for every source (strings or messages)
+            kind = preference_kind(ds.column_names, key)
+            ds = ds.map(lambda r: preference_row(r, kind), remove_columns=ds.column_names)
         _check_source(ds, cfg, where)
         if ev is None:
             ds, out = _hold_out(ds, cfg, where)
@@ -297,6 +300,13 @@ def tokenize(splits: Splits, tokenizer, cfg) -> tuple:
         if cfg.data.source == "sft":
             formats = sft_format(ds.column_names, cfg.data.format, f"the {name} split")
             encode = lambda batch: _encode_sft(batch, tokenizer, max_len, formats)
+        elif cfg.data.source == "preference":
+            kind = preference_kind(ds.column_names, f"the {name} split")
+            unpaired = cfg.objective.name == "kto"
+            if kind == "kto" and not unpaired:
+                raise UserError(f"the {name} split holds KTO rows (prompt, completion, label): objective="
+                                f"{cfg.objective.name} needs pairs (prompt, chosen, rejected); set objective=kto")
+            encode = lambda batch: _encode_preference(batch, tokenizer, max_len, kind, unpaired)
         else:
             encode = lambda batch: _encode_text(batch, splits.text_columns, tokenizer, max_len, task)
         enc = ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenize {name}")
@@ -311,8 +321,8 @@ def tokenize(splits: Splits, tokenizer, cfg) -> tuple:
                             "first token); check the data")
         if len(enc) < len(ds):
             log.warning("%d of %d %s rows have no token to learn from (%s) and were dropped: the %s split has %d rows",
-                        len(ds) - len(enc), len(ds), name, "no assistant reply" if cfg.data.source == "sft" else
-                        "no text after the first token", name, len(enc))
+                        len(ds) - len(enc), len(ds), name, "no assistant reply" if cfg.data.source in ("sft", "preference")
+                        else "no text after the first token", name, len(enc))
         out.append(enc)
     return tuple(out)
 
@@ -414,10 +424,19 @@ def general_text(cfg, tokenizer):
 
 def generation_rows(ds, cfg) -> list[dict]:
     """eval.generate: the first N eval rows as the prompt (the conversation before its last assistant turn) and
-    the reference reply (that turn)."""
-    formats = sft_format(ds.column_names, cfg.data.format, "the eval split")
+    the reference reply (that turn; of a preference pair, the chosen reply; of KTO rows, the desirable ones)."""
+    if cfg.data.source == "preference":
+        kind = preference_kind(ds.column_names, "the eval split")
+        pick = ((p := preference_row(row, kind)) for row in ds)
+        turns = ((p["prompt"] + (p["chosen"] if kind == "pairs" else p["completion"]))
+                 for p in pick if kind == "pairs" or p["label"])
+        return generation_rows_of([{"messages": t} for t in turns], cfg.eval.generate, ("messages",))
+    return generation_rows_of(ds, cfg.eval.generate, sft_format(ds.column_names, cfg.data.format, "the eval split"))
+
+
+def generation_rows_of(ds, n: int, formats) -> list[dict]:
     rows = []
-    for row in ds.select(range(min(cfg.eval.generate, len(ds)))):
+    for row in (ds.select(range(min(n, len(ds)))) if hasattr(ds, "select") else ds[:n]):
         turns = conversation(row, formats)
         last = max((i for i, t in enumerate(turns) if t["role"] == "assistant"), default=None)
         if last is None:
@@ -426,8 +445,9 @@ def generation_rows(ds, cfg) -> list[dict]:
     return rows
 
 
-def _sft_segments(turns: list[dict], tokenizer) -> list[tuple[str, bool]]:
-    """A conversation as (text, trains_on_it) pieces: only assistant replies carry loss."""
+def _sft_segments(turns: list[dict], tokenizer, train_from: int = 0) -> list[tuple[str, bool]]:
+    """A conversation as (text, trains_on_it) pieces: only assistant replies carry loss, from turn `train_from` on
+    (a preference row's prompt turns carry none)."""
     if tokenizer.chat_template:
         # Render growing prefixes and diff them, so each piece is exactly what the template produces in context.
         render = lambda t, gen=False: tokenizer.apply_chat_template(t, tokenize=False, add_generation_prompt=gen)
@@ -443,15 +463,16 @@ def _sft_segments(turns: list[dict], tokenizer) -> list[tuple[str, bool]]:
             prev = text
 
         for i, turn in enumerate(turns):
-            if turn["role"] == "assistant":
+            trains = turn["role"] == "assistant" and i >= train_from
+            if trains:
                 extend(render(turns[:i], gen=True), False)
-            extend(render(turns[: i + 1]), turn["role"] == "assistant")
+            extend(render(turns[: i + 1]), trains)
         return pieces
     eos = tokenizer.eos_token or ""
     pieces = [((tokenizer.bos_token or ""), False)]
-    for turn in turns:
+    for i, turn in enumerate(turns):
         if turn["role"] == "assistant":
-            pieces += [("assistant: ", False), (turn["content"] + eos + "\n", True)]
+            pieces += [("assistant: ", False), (turn["content"] + eos + "\n", i >= train_from)]
         else:
             pieces.append((f"{turn['role']}: {turn['content']}\n", False))
     return pieces
@@ -462,22 +483,104 @@ def _encode_sft(batch, tokenizer, max_len: int, formats: tuple[str, ...]) -> dic
     out = {"input_ids": [], "attention_mask": [], "labels": [], "truncated": [], "n_loss": [], "replies_lost": [],
            "reply_cut": []}
     for row in rows:
-        ids, labels, replies = [], [], []  # replies: (start, end) token span of each assistant reply
-        for text, trains in _sft_segments(conversation(row, formats), tokenizer):
-            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-            if trains:
-                replies.append((len(ids), len(ids) + len(piece)))
-            ids += piece
-            labels += piece if trains else [-100] * len(piece)
-        lo, hi = _sft_window(len(ids), replies[-1] if replies else None, max_len)
-        out["truncated"].append(len(ids) > max_len)
-        out["replies_lost"].append(sum(end <= lo + 1 for _, end in replies[:-1]))  # none of its tokens predicted
-        out["reply_cut"].append(bool(replies) and replies[-1][1] > hi)
-        ids, labels = ids[lo:hi], labels[lo:hi]
-        out["input_ids"].append(ids)
-        out["attention_mask"].append([1] * len(ids))
-        out["labels"].append(labels)
-        out["n_loss"].append(sum(l != -100 for l in labels[1:]))  # the first token is never predicted
+        for key, value in _encode_turns(conversation(row, formats), tokenizer, max_len).items():
+            out[key].append(value)
+    return out
+
+
+def _encode_turns(turns: list[dict], tokenizer, max_len: int, train_from: int = 0) -> dict:
+    """One conversation as token ids with labels on its assistant replies (from turn `train_from` on), cut to max_len
+    from the left (_sft_window), and what the cut cost."""
+    ids, labels, replies = [], [], []  # replies: (start, end) token span of each assistant reply
+    for text, trains in _sft_segments(turns, tokenizer, train_from):
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if trains:
+            replies.append((len(ids), len(ids) + len(piece)))
+        ids += piece
+        labels += piece if trains else [-100] * len(piece)
+    n = len(ids)
+    lo, hi = _sft_window(n, replies[-1] if replies else None, max_len)
+    ids, labels = ids[lo:hi], labels[lo:hi]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels, "truncated": n > max_len, "n_loss": sum(l != -100 for l in labels[1:]),  # the first token is never predicted
+            "replies_lost": sum(end <= lo + 1 for _, end in replies[:-1]),  # none of its tokens predicted
+            "reply_cut": bool(replies) and replies[-1][1] > hi}
+
+
+# Preference rows (data=preference): pairs (prompt, chosen, rejected) or KTO's unpaired rows (prompt, completion and a
+# boolean label). Each value is a string or a list of {role, content} messages; without a prompt column, the prompt
+# is the turns that chosen and rejected share (TRL's and UltraFeedback's conversational form).
+PREFERENCE_KINDS = {"pairs": ("chosen", "rejected"), "kto": ("completion", "label")}
+
+
+def preference_kind(columns: list[str], key: str) -> str:
+    kind = next((k for k, need in PREFERENCE_KINDS.items() if all(c in columns for c in need)), None)
+    if kind is None:
+        raise UserError(f"{key}: data=preference needs columns chosen and rejected (with prompt, or message lists that "
+                        f"share the prompt turns), or prompt, completion and label (KTO); its columns are: "
+                        f"{', '.join(columns)}")
+    return kind
+
+
+def _as_turns(value, role: str, what: str, row: dict) -> list[dict]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, list) and all(isinstance(t, dict) and "role" in t and "content" in t for t in value):
+        return [{"role": t["role"], "content": t["content"]} for t in value]
+    raise UserError(f"a preference row's {what} is neither a string nor a list of {{role, content}} messages: "
+                    f"{json.dumps(row, default=str)[:120]}")
+
+
+def preference_row(row: dict, kind: str) -> dict:
+    """A preference row as messages: {prompt, chosen, rejected} (or {prompt, completion, label}), the prompt's turns
+    apart from the replies'."""
+    prompt = _as_turns(row.get("prompt"), "user", "prompt", row)
+    replies = {k: _as_turns(row[k], "assistant", k, row) for k in (("chosen", "rejected") if kind == "pairs" else ("completion",))}
+    if kind == "pairs" and not prompt:  # the shared leading turns are the prompt
+        c, r = replies["chosen"], replies["rejected"]
+        k = next((i for i, (a, b) in enumerate(zip(c, r)) if a != b), min(len(c), len(r)))
+        prompt, replies = c[:k], {"chosen": c[k:], "rejected": r[k:]}
+    for name, turns in replies.items():
+        if turns[: len(prompt)] == prompt and len(turns) > len(prompt) and prompt:  # replies that repeat the prompt
+            turns = replies[name] = turns[len(prompt):]
+        if not any(t["role"] == "assistant" for t in turns):
+            raise UserError(f"a preference row's {name} has no assistant reply after the prompt: "
+                            f"{json.dumps(row, default=str)[:160]}")
+    if kind == "kto":
+        if not isinstance(row.get("label"), bool):
+            raise UserError(f"a KTO row's label must be true (desirable) or false, not {row.get('label')!r}: "
+                            f"{json.dumps(row, default=str)[:120]}")
+        return {"prompt": prompt, "completion": replies["completion"], "label": row["label"]}
+    return {"prompt": prompt, **replies}
+
+
+def _encode_preference(batch, tokenizer, max_len: int, kind: str, unpaired: bool) -> dict:
+    """Pair rows -> the chosen reply as input_ids / labels and the rejected one as rejected_input_ids / rejected_labels
+    (collate puts them in one batch, chosen first). KTO (`unpaired`) -> one row per reply with kto_label: a pair gives
+    a desirable and an undesirable row. The loss covers the reply tokens only, through the chat template."""
+    rows = [preference_row(dict(zip(batch, vals)), kind) for vals in zip(*batch.values())]
+    out = {k: [] for k in ("input_ids", "attention_mask", "labels", "truncated", "n_loss", "replies_lost", "reply_cut")}
+    if unpaired:
+        out["kto_label"] = []
+        for row in rows:
+            labelled = [(row["completion"], row["label"])] if kind == "kto" else [(row["chosen"], True), (row["rejected"], False)]
+            for reply, label in labelled:
+                for key, value in _encode_turns(row["prompt"] + reply, tokenizer, max_len, len(row["prompt"])).items():
+                    out[key].append(value)
+                out["kto_label"].append(int(label))
+        return out
+    out.update(rejected_input_ids=[], rejected_labels=[])
+    for row in rows:
+        c, r = (_encode_turns(row["prompt"] + row[k], tokenizer, max_len, len(row["prompt"])) for k in ("chosen", "rejected"))
+        for key in ("input_ids", "attention_mask", "labels"):
+            out[key].append(c[key])
+        out["rejected_input_ids"].append(r["input_ids"])
+        out["rejected_labels"].append(r["labels"])
+        out["truncated"].append(c["truncated"] or r["truncated"])
+        out["n_loss"].append(min(c["n_loss"], r["n_loss"]))  # both replies must have a token to score
+        out["replies_lost"].append(0)
+        out["reply_cut"].append(c["reply_cut"] or r["reply_cut"])
     return out
 
 
@@ -501,18 +604,28 @@ def collate(rows: list[dict], pad_id: int, pack: bool = False) -> dict[str, torc
     at 0 for each and no attention_mask: transformers then keeps attention inside each row (a block-diagonal causal
     mask with sdpa/eager, varlen kernels with flash attention), so the loss equals the padded batch's.
     """
+    if "rejected_input_ids" in rows[0]:  # preference pairs: the chosen replies, then the rejected ones
+        ref = [r["ref_logps"] for r in rows] if "ref_logps" in rows[0] else None
+        rows = [{k: r[k] for k in ("input_ids", "attention_mask", "labels")} for r in rows] + [
+            {"input_ids": r["rejected_input_ids"], "attention_mask": [1] * len(r["rejected_input_ids"]),
+             "labels": r["rejected_labels"]} for r in rows]
+        batch = collate(rows, pad_id)
+        if ref is not None:
+            batch["ref_logps"] = torch.tensor([v[0] for v in ref] + [v[1] for v in ref])
+        return batch
     if pack:  # each row's first label becomes -100: it is no target of the previous row's last token
         from transformers import DataCollatorWithFlattening
 
         return DataCollatorWithFlattening(return_tensors="pt")([{k: r[k] for k in ("input_ids", "labels")} for r in rows])
     width = max(len(r["input_ids"]) for r in rows)
     batch = {}
-    for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("token_type_ids", 0), ("labels", -100)):
+    for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("token_type_ids", 0), ("labels", -100),
+                      ("kto_label", None), ("ref_logps", None)):
         if key not in rows[0]:
             continue
         if isinstance(rows[0][key], list):
             batch[key] = torch.tensor([r[key] + [fill] * (width - len(r[key])) for r in rows])
-        else:  # one label per row: an int class or a float regression target
+        else:  # one value per row: an int class, a float regression target, a KTO label
             batch[key] = torch.tensor([r[key] for r in rows])
     return batch
 

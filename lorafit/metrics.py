@@ -31,6 +31,8 @@ def problem_type(cfg) -> str:
 
 def primary_metric(cfg) -> str:
     """The eval metric this config is judged by (what summary.json, sweeps and the sweeper read)."""
+    if (cfg.get("objective") or {}).get("name", "sft") != "sft":  # a preference run: is the chosen reply preferred?
+        return "reward_accuracy"
     problem = problem_type(cfg)
     if problem == "language_model":
         return "perplexity"

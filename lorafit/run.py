@@ -276,7 +276,7 @@ def run(cfg, run_dir: Path | None = None) -> float:
 
     metric = metrics.primary_metric(cfg)
     summary = {
-        "run_dir": str(run_dir), "model": cfg.model.name, "task": cfg.model.task, "method": cfg.lora.method,
+        "run_dir": str(run_dir), "model": cfg.model.name, "task": cfg.model.task, "method": cfg.lora.method, "objective": cfg.objective.name,
         "lora_r": cfg.lora.r if cfg.lora.method == "lora" else None, "seed": cfg.train.seed,
         "primary_metric": metric, "eval": result.eval, "steps": result.steps, "train_loss": result.train_loss,
         "trainable_params": params["trainable"], "total_params": params["total"],
@@ -293,7 +293,9 @@ def run(cfg, run_dir: Path | None = None) -> float:
     }
     trained = _model_for_hooks(model, cfg, splits.labels, accelerator)
     if accelerator.is_main_process:
+        adapters.drop_reference(trained)  # lora.init_from's frozen reference: the hooks see the trained adapter alone
         probe = data.collate([eval_ds[i] for i in range(min(8, len(eval_ds)))], tokenizer.pad_token_id)
+        probe = {k: v for k, v in probe.items() if k not in ("kto_label", "ref_logps")}  # model inputs only
         ctx = hooks.RunContext(cfg, trained, tokenizer, run_dir, accelerator, summary, probe, splits.labels)
         hooks.run_hooks(ctx)
         summary["wall_s"] = time.perf_counter() - t_start

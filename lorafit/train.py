@@ -11,7 +11,6 @@ Design choices worth knowing:
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import signal
@@ -22,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lorafit import checkpoint, metrics
+from lorafit import checkpoint, metrics, objectives
 from lorafit.data import loader
 from lorafit.errors import UserError
 from lorafit.flops import FlopCounter
+from lorafit.objectives import evaluate
 
 
 @dataclass
@@ -47,36 +46,6 @@ class TrainResult:
     flops: int = 0  # model FLOPs of this run's training steps, all processes (flops.py)
 
 
-def loss_sum(model, batch: dict, task: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of per-target losses per row, targets per row): the caller decides what to normalize by."""
-    inputs, labels = {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
-    if task == "causal_lm":
-        targets = labels[:, 1:]  # token t predicts token t+1
-        is_target = targets != -100
-        keep = F.pad(is_target, (0, 1))  # the positions that predict a target
-        inputs["use_cache"] = False  # no KV cache to build; and with one, transformers ignores packed position_ids
-        if _takes_logit_mask(model):
-            # Only those go through the LM head: in SFT most positions are prompt, and the head (vocab x hidden)
-            # is the largest matmul of a small LM. Same loss, a fraction of the head's compute and logits memory.
-            logits = model(**inputs, logits_to_keep=keep).logits.float()  # (targets in the batch, vocab)
-        else:
-            logits = model(**inputs).logits.float()[keep]
-        losses = F.cross_entropy(logits, targets[is_target], reduction="none")
-        per_row = torch.zeros(len(labels), dtype=losses.dtype, device=losses.device)
-        return per_row.index_add_(0, keep.nonzero()[:, 0], losses), keep.sum(1)
-    logits = model(**inputs).logits.float()
-    if logits.shape[-1] == 1:  # regression head (STS-B)
-        return (logits.squeeze(-1) - labels.float()) ** 2, torch.ones_like(labels, dtype=torch.long)
-    return F.cross_entropy(logits, labels, reduction="none"), torch.ones_like(labels)
-
-
-def _takes_logit_mask(model) -> bool:
-    """Does this causal LM accept a boolean logits_to_keep mask (transformers' own models do; remote code may not)?"""
-    inner = getattr(model, "module", model)  # DDP / DeepSpeed wrappers
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    return "logits_to_keep" in inspect.signature(inner.forward).parameters
-
-
 def build_optimizer(model, cfg):
     t, params = cfg.train, [p for p in model.parameters() if p.requires_grad]
     if t.optimizer == "adamw":
@@ -93,51 +62,11 @@ def build_optimizer(model, cfg):
     return opt_cls(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
-EVAL_TARGETS = 1024  # causal-LM evaluation scores at most this many target tokens per forward (see _row_groups)
-
-
-def _row_groups(batch: dict) -> list[dict]:
-    """A causal-LM eval batch as groups of whole rows with at most EVAL_TARGETS targets each (one row at least).
-    Scoring needs float logits for every target, (targets × vocab): 8 rows of 512 fully-scored tokens on SmolLM2's
-    49k vocab raised a run's peak memory by 4.5 GB. A packed batch (one row) stays whole."""
-    targets = (batch["labels"][:, 1:] != -100).sum(1).tolist()
-    groups, start, count = [], 0, 0
-    for i, n in enumerate(targets):
-        if i > start and count + n > EVAL_TARGETS:
-            groups.append((start, i))
-            start, count = i, 0
-        count += n
-    groups.append((start, len(targets)))
-    return [{k: v[a:b] for k, v in batch.items()} for a, b in groups]
-
-
-@torch.no_grad()
-def evaluate(model, batches, cfg, accelerator) -> dict:
-    """Metrics over the eval split, gathered across processes with padding duplicates dropped."""
-    model.eval()
-    task, rows = cfg.model.task, []
-    for batch in batches:
-        if task == "causal_lm":
-            out = torch.cat([torch.stack(loss_sum(model, part, task), 1) for part in _row_groups(batch)]).double()
-        else:
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
-            pred = logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1).float()
-            out = torch.stack([pred, batch["labels"].float()], 1).double()
-        rows.append(accelerator.gather_for_metrics(out).cpu())
-    res = torch.cat(rows).numpy()
-    if task == "causal_lm":
-        out = metrics.language_model(float(res[:, 0].sum()), int(res[:, 1].sum()))
-    elif metrics.problem_type(cfg) == "regression":
-        out = metrics.regression(res[:, 0], res[:, 1])
-    else:
-        out = metrics.classification(res[:, 0].astype(int), res[:, 1].astype(int), cfg.data.task)
-    return {**out, "n": len(res)}  # rows evaluated: each exactly once, however many processes
-
-
 def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, log, extra_evals=()) -> TrainResult:
     """Each of `extra_evals`, a function (model, step) -> dict, adds its scores to every evaluation (eval.generate,
     eval.forgetting_file)."""
-    t, task, pad_id, nproc = cfg.train, cfg.model.task, tokenizer.pad_token_id, accelerator.num_processes
+    t, pad_id, nproc = cfg.train, tokenizer.pad_token_id, accelerator.num_processes
+    objective = objectives.build(cfg, accelerator)
     per_epoch = len(train_ds) // (t.batch_size * nproc)  # micro-batches per process per epoch (drop_last)
     if per_epoch == 0:
         raise UserError(f"the train split has {len(train_ds)} rows: too few for one batch of train.batch_size="
@@ -157,6 +86,9 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
     # The scheduler's state goes into trainer_state.json (checkpoint.save's extra), not into a pickle that
     # accelerate would load with weights_only=False.
     checkpoint.keep_only_trainable(accelerator, model)
+    if objective.reference and cfg.objective.precompute_ref:  # once, instead of a reference forward per step
+        train_ds, eval_ds = (objectives.precompute_reference(model, ds, pad_id, t.eval_batch_size, accelerator, name)
+                             for ds, name in ((train_ds, "train"), (eval_ds, "eval")))
     lengths = np.array([len(ids) for ids in eval_ds["input_ids"]])  # eval sorted by length: little padding
     eval_loader = loader(eval_ds, t.eval_batch_size, np.argsort(lengths, kind="stable").tolist(), pad_id, accelerator, False)
 
@@ -166,14 +98,14 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
         state = checkpoint.load(accelerator, ckpt, scheduler, fingerprint)
         start, best = state["step"], checkpoint.Best(**state.get("best", best.__dict__))
         # the per-step losses since the last log: the next logged loss averages them too, as if never stopped
-        window = [torch.tensor(v, dtype=torch.float32, device=accelerator.device) for v in state["loss_window"]]
+        window = [torch.tensor(v, dtype=torch.float32, device=accelerator.device) for v in state["loss_window"]]  # [loss, margin]
         accelerator.print(f"resumed from {ckpt} at step {start}/{total}")
     log.truncate_after(start)  # a run that died before its first checkpoint starts over from step 0 too
 
     def save_checkpoint(step: int) -> None:
         checkpoint.save(accelerator, run_dir, step, t.keep_checkpoints, extra={
             "fingerprint": fingerprint, "scheduler": scheduler.state_dict(), "best": best.__dict__,
-            "loss_window": [v.item() for v in window]})
+            "loss_window": [v.tolist() for v in window]})
 
     lengths = [len(ids) for ids in train_ds["input_ids"]] if cfg.data.group_by_length else None
 
@@ -197,27 +129,29 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
         for step in range(start + 1, total + 1):
             model.train()
             batches = [next(stream) for _ in range(t.grad_accum)]
-            counts = [(b["labels"][:, 1:] != -100).sum() if task == "causal_lm" else torch.tensor(len(b["labels"])) for b in batches]
-            n_global = accelerator.reduce(torch.stack(counts).sum().to(accelerator.device), "sum")
-            step_loss = torch.zeros((), device=accelerator.device)
+            # the global count of the objective's units (target tokens, pairs, rows) that the step's loss averages over
+            n_global = accelerator.reduce(torch.stack([objective.units(b) for b in batches]).sum().to(accelerator.device), "sum")
+            step_loss = torch.zeros(2, device=accelerator.device)  # summed loss and reward margin (preference runs)
             for batch in batches:
                 # accumulate(): gradients sync (DDP, FSDP) and DeepSpeed's engine steps on the step's last micro-batch only.
                 # DDP averages gradients over processes and accelerate / DeepSpeed divide each micro-batch's loss by
                 # train.grad_accum: multiplying by both turns those averages into our global sum.
                 with accelerator.accumulate(model):
-                    losses, _ = loss_sum(model, batch, task)
+                    losses, margins = objective.loss(model, batch)
                     accelerator.backward(losses.sum() * nproc * t.grad_accum / n_global)
-                step_loss += losses.sum().detach()
+                step_loss[0] += losses.sum().detach()
+                if margins is not None:
+                    step_loss[1] += margins.sum()
                 counter.attention(batch)
                 res.samples += t.batch_size * nproc  # drop_last: every micro-batch is full
                 # Non-pad tokens, as a tensor: no host sync per micro-batch. A packed batch has no padding at all.
                 tokens += (batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()) * nproc
             # DeepSpeed clips inside its step (at train.max_grad_norm) and reports the norm as a float
             grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf")))
-            finite = bool(torch.isfinite(step_loss) and torch.isfinite(grad_norm))  # one host sync per step
+            finite = bool(torch.isfinite(step_loss[0]) and torch.isfinite(grad_norm))  # one host sync per step
             if not finite and accelerator.scaler is None:  # fp16's GradScaler handles its own overflows (below)
                 if t.on_nonfinite == "stop":
-                    raise UserError(f"non-finite loss or gradient at step {step} (loss={step_loss.item()}, grad norm="
+                    raise UserError(f"non-finite loss or gradient at step {step} (loss={step_loss[0].item()}, grad norm="
                                     f"{float(grad_norm)}); lower train.lr, or set train.on_nonfinite=skip. "
                                     f"Checkpoints already written under {run_dir / 'checkpoints'} are kept")
                 res.skipped_steps += 1
@@ -232,14 +166,18 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
             window.append(accelerator.reduce(step_loss, "sum") / n_global)
             bar.update(1)
             if step % t.log_every == 0 or step == total:
-                res.train_loss = torch.stack(window).mean().item()
-                log.write(step, {"train/loss": res.train_loss, "train/lr": scheduler.get_last_lr()[0],
-                                 "train/grad_norm": float(grad_norm), "train/samples": step * t.grad_accum * t.batch_size * nproc})
-                bar.set_postfix(loss=f"{res.train_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                res.train_loss, margin = torch.stack(window).mean(0).tolist()
+                values = {"train/loss": res.train_loss, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
+                          "train/samples": step * t.grad_accum * t.batch_size * nproc}
+                shown = {"loss": f"{res.train_loss:.4f}", "lr": f"{scheduler.get_last_lr()[0]:.2e}"}
+                if objective.paired:
+                    values["train/reward_margin"], shown["margin"] = margin, f"{margin:.3f}"
+                log.write(step, values)
+                bar.set_postfix(shown)
                 window = []
             if (t.eval_every and step % t.eval_every == 0) or step == total:
                 t_eval = time.perf_counter()
-                res.eval = evaluate(model, eval_loader, cfg, accelerator)
+                res.eval = objective.evaluate(model, eval_loader)
                 for extra in extra_evals:
                     res.eval.update(extra(model, step))
                 res.eval_s += time.perf_counter() - t_eval
@@ -274,7 +212,7 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
         res.eval = best.eval
     res.best_step = best.step
     if not res.eval:  # resumed at the very end: evaluate what was loaded
-        res.eval = evaluate(model, eval_loader, cfg, accelerator)
+        res.eval = objective.evaluate(model, eval_loader)
     res.wall_s, res.tokens = time.perf_counter() - t0, int(tokens)
     counter.remove()
     res.flops = int(accelerator.reduce(torch.tensor(counter.total, dtype=torch.float64, device=accelerator.device), "sum"))

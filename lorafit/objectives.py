@@ -1,0 +1,319 @@
+"""What the training loop minimizes: one small `Objective` per `objective=` choice, built from plain functions.
+
+The loop knows three things of an objective: how many *units* a micro-batch holds (target tokens for SFT and
+classification, pairs for DPO/IPO/SimPO/ORPO, rows for KTO), the *sum* of the unit losses (it divides by the
+global unit count, so accumulation and DDP give one big batch's gradient), and how to *evaluate*. The preference
+losses themselves are functions of sequence log-probabilities, written after TRL's DPOTrainer, CPOTrainer,
+ORPOTrainer and KTOTrainer (whose losses are inline in the trainers, not importable) and checked against their
+numbers in bench/preference.py.
+
+Preference batches hold 2B rows, the B chosen replies then the B rejected ones, so both go through the policy in
+one forward. The reference is the same model with its adapter switched off (`disable_adapter()`), or, after
+`lora.init_from`, the frozen copy of the starting adapter, loaded as a second adapter named "ref".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from lorafit import metrics
+from lorafit.adapters import REF_ADAPTER
+
+PREFERENCE = ("dpo", "ipo", "simpo", "orpo")  # paired: chosen against rejected
+REFERENCE_FREE = ("simpo", "orpo")  # no reference forward during training (eval/kl still measures against one)
+
+
+# ---- the losses: sequence log-probabilities -> (per-unit loss, chosen reward, rejected reward) ----
+# pol_c / pol_r: summed log-probabilities of the chosen / rejected replies under the policy; ref_*: the same under
+# the reference; n_*: their token counts; o: the objective config (beta, label_smoothing, gamma).
+
+def dpo(pol_c, pol_r, ref_c, ref_r, n_c, n_r, o):
+    """DPO (Rafailov et al. 2023), with conservative label smoothing (cDPO) as TRL's `sigmoid` loss."""
+    h = (pol_c - ref_c) - (pol_r - ref_r)
+    losses = -F.logsigmoid(o.beta * h) * (1 - o.label_smoothing) - F.logsigmoid(-o.beta * h) * o.label_smoothing
+    return losses, o.beta * (pol_c - ref_c), o.beta * (pol_r - ref_r)
+
+
+def ipo(pol_c, pol_r, ref_c, ref_r, n_c, n_r, o):
+    """IPO (Azar et al. 2023): (h - 1/(2β))², with h from length-averaged log-ratios, as TRL does. The rewards
+    are DPO's implicit ones (β · summed log-ratio), as TRL logs them."""
+    h = (pol_c - ref_c) / n_c - (pol_r - ref_r) / n_r
+    return (h - 1 / (2 * o.beta)) ** 2, o.beta * (pol_c - ref_c), o.beta * (pol_r - ref_r)
+
+
+def simpo(pol_c, pol_r, ref_c, ref_r, n_c, n_r, o):
+    """SimPO (Meng et al. 2024): reference-free, β times the length-averaged log-probability margin, minus γ.
+    TRL's CPOTrainer(loss_type='simpo') with cpo_alpha=0; its rewards are β · average log-probability."""
+    c, r = o.beta * pol_c / n_c, o.beta * pol_r / n_r
+    h = c - r - o.gamma
+    losses = -F.logsigmoid(h) * (1 - o.label_smoothing) - F.logsigmoid(-h) * o.label_smoothing
+    return losses, c, r
+
+
+def orpo(pol_c, pol_r, ref_c, ref_r, n_c, n_r, o):
+    """ORPO (Hong et al. 2024): the chosen reply's NLL (per token) minus β · log σ(log-odds ratio), on
+    length-averaged log-probabilities; reference-free. TRL's ORPOTrainer; rewards β · average log-probability."""
+    c, r = pol_c / n_c, pol_r / n_r
+    log_odds = (c - r) - (torch.log1p(-torch.exp(c)) - torch.log1p(-torch.exp(r)))
+    return -c - o.beta * F.logsigmoid(log_odds), o.beta * c, o.beta * r
+
+
+def kto(pol, ref, desirable, o, z):
+    """KTO (Ethayarajh et al. 2024) on unpaired rows: desirable rows are pulled above the reference point z, the
+    others pushed below it. z is a detached, non-negative estimate of KL(policy ‖ reference) (see kto_reference_point).
+    Returns (per-row loss, per-row reward β·log-ratio)."""
+    reward = pol - ref
+    losses = torch.where(desirable, o.desirable_weight * (1 - torch.sigmoid(o.beta * (reward - z))),
+                         o.undesirable_weight * (1 - torch.sigmoid(o.beta * (z - reward))))
+    return losses, o.beta * reward
+
+
+def kto_reference_point(pol, ref, accelerator):
+    """KTO's z: the mean log-ratio over the step's rows on every process, clamped at 0 and detached. TRL estimates
+    it from mismatched (prompt, completion) pairs, at the cost of a third forward; lorafit takes the matched rows
+    (Ethayarajh et al.'s own simplification when the batch is small), so z is one number per micro-batch."""
+    total = accelerator.reduce(torch.stack([(pol - ref).detach().sum(), torch.tensor(float(len(pol)), device=pol.device)]),
+                               "sum")
+    return (total[0] / total[1]).clamp(min=0)
+
+
+PAIR_LOSSES = {"dpo": dpo, "ipo": ipo, "simpo": simpo, "orpo": orpo}
+
+
+# ---- log-probabilities ----
+
+def loss_sum(model, batch: dict, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of per-target losses per row, targets per row): the caller decides what to normalize by."""
+    inputs, labels = {k: v for k, v in batch.items() if k not in ("labels", "ref_logps", "kto_label")}, batch["labels"]
+    if task == "causal_lm":
+        targets = labels[:, 1:]  # token t predicts token t+1
+        is_target = targets != -100
+        keep = F.pad(is_target, (0, 1))  # the positions that predict a target
+        inputs["use_cache"] = False  # no KV cache to build; and with one, transformers ignores packed position_ids
+        if _takes_logit_mask(model):
+            # Only those go through the LM head: in SFT most positions are prompt, and the head (vocab x hidden)
+            # is the largest matmul of a small LM. Same loss, a fraction of the head's compute and logits memory.
+            logits = model(**inputs, logits_to_keep=keep).logits.float()  # (targets in the batch, vocab)
+        else:
+            logits = model(**inputs).logits.float()[keep]
+        losses = F.cross_entropy(logits, targets[is_target], reduction="none")
+        per_row = torch.zeros(len(labels), dtype=losses.dtype, device=losses.device)
+        return per_row.index_add_(0, keep.nonzero()[:, 0], losses), keep.sum(1)
+    logits = model(**inputs).logits.float()
+    if logits.shape[-1] == 1:  # regression head (STS-B)
+        return (logits.squeeze(-1) - labels.float()) ** 2, torch.ones_like(labels, dtype=torch.long)
+    return F.cross_entropy(logits, labels, reduction="none"), torch.ones_like(labels)
+
+
+def _takes_logit_mask(model) -> bool:
+    """Does this causal LM accept a boolean logits_to_keep mask (transformers' own models do; remote code may not)?"""
+    inner = getattr(model, "module", model)  # DDP / DeepSpeed wrappers
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
+def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probability of each row's reply tokens, their count)."""
+    nll, n = loss_sum(model, batch, "causal_lm")
+    return -nll, n.to(nll.dtype)
+
+
+@contextlib.contextmanager
+def as_reference(model, accelerator):
+    """Within the block, `model` computes the reference: eval mode (no dropout), under no_grad, with the adapter off
+    or, where lora.init_from loaded one, the frozen "ref" adapter active."""
+    peft_model = accelerator.unwrap_model(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if REF_ADAPTER in getattr(peft_model, "peft_config", {}):
+                peft_model.set_adapter(REF_ADAPTER)  # peft marks the active adapter trainable: undone below
+                try:
+                    yield
+                finally:
+                    peft_model.set_adapter("default")
+                    for name, p in peft_model.named_parameters():
+                        if f".{REF_ADAPTER}." in name:
+                            p.requires_grad_(False)
+            else:
+                with peft_model.disable_adapter():
+                    yield
+    finally:
+        model.train(was_training)
+
+
+def reference_logps(model, batch: dict, accelerator) -> torch.Tensor:
+    """The batch's precomputed reference log-probabilities (objective.precompute_ref), or a reference forward now."""
+    if "ref_logps" in batch:
+        return batch["ref_logps"].to(torch.float32)
+    with as_reference(model, accelerator):
+        return sequence_logps(model, batch)[0]
+
+
+# ---- the objectives the loop calls ----
+
+@dataclass
+class Objective:
+    units: Callable  # micro-batch -> how many units its loss is a sum over (a 0-d tensor)
+    loss: Callable  # (model, micro-batch) -> (per-unit losses, per-unit reward margins or None)
+    evaluate: Callable  # (model, eval batches) -> metrics
+    paired: bool = False  # logs train/reward_margin
+    reference: bool = False  # needs reference log-probabilities (precompute_ref can compute them once)
+
+
+def build(cfg, accelerator) -> Objective:
+    name, task = cfg.objective.name, cfg.model.task
+    if name == "sft":
+        return Objective(units=lambda b: _target_count(b, task), loss=lambda model, b: (loss_sum(model, b, task)[0], None),
+                         evaluate=lambda model, batches: evaluate(model, batches, cfg, accelerator))
+    o = cfg.objective
+    if name == "kto":
+        return Objective(units=lambda b: torch.tensor(len(b["labels"])),
+                         loss=lambda model, b: _kto_loss(model, b, o, accelerator),
+                         evaluate=lambda model, batches: _evaluate_kto(model, batches, o, accelerator), reference=True)
+    fn = PAIR_LOSSES[name]
+    return Objective(units=lambda b: torch.tensor(len(b["labels"]) // 2),
+                     loss=lambda model, b: _pair_loss(model, b, fn, o, accelerator),
+                     evaluate=lambda model, batches: _evaluate_pairs(model, batches, fn, o, accelerator),
+                     paired=True, reference=name not in REFERENCE_FREE)
+
+
+def _target_count(batch, task) -> torch.Tensor:
+    return (batch["labels"][:, 1:] != -100).sum() if task == "causal_lm" else torch.tensor(len(batch["labels"]))
+
+
+def _pair_scores(model, batch, fn, o, accelerator, reference: bool):
+    """(losses, chosen rewards, rejected rewards, policy logps, reference logps, token counts) of a pair batch."""
+    pol, n = sequence_logps(model, batch)
+    if reference:
+        ref = reference_logps(model, batch, accelerator)
+    else:  # SimPO and ORPO never read it
+        ref = torch.zeros_like(pol)
+    b = len(pol) // 2
+    losses, chosen, rejected = fn(pol[:b], pol[b:], ref[:b], ref[b:], n[:b], n[b:], o)
+    if o.sft_weight:  # LLaMA-Factory's pref_ftx: the chosen reply's NLL per token, weighted
+        losses = losses + o.sft_weight * (-pol[:b] / n[:b])
+    return losses, chosen, rejected, pol, ref, n
+
+
+def _pair_loss(model, batch, fn, o, accelerator):
+    losses, chosen, rejected, *_ = _pair_scores(model, batch, fn, o, accelerator, o.name not in REFERENCE_FREE)
+    return losses, (chosen - rejected).detach()
+
+
+def _kto_loss(model, batch, o, accelerator):
+    pol, _ = sequence_logps(model, batch)
+    ref = reference_logps(model, batch, accelerator)
+    losses, _ = kto(pol, ref, batch["kto_label"].bool(), o, kto_reference_point(pol, ref, accelerator))
+    return losses, None
+
+
+@torch.no_grad()
+def _evaluate_pairs(model, batches, fn, o, accelerator) -> dict:
+    """Reward accuracy and margin, the replies' log-probabilities, and the policy's per-token log-ratio to the
+    reference on the chosen replies (eval/kl), over every held-out pair once."""
+    model.eval()
+    rows = []
+    for batch in batches:
+        losses, chosen, rejected, pol, ref, n = _pair_scores(model, batch, fn, o, accelerator, True)
+        b = len(pol) // 2
+        out = torch.stack([losses, chosen, rejected, pol[:b], pol[b:], ref[:b], n[:b]], 1).double()
+        rows.append(accelerator.gather_for_metrics(out).cpu())
+    r = torch.cat(rows)
+    loss, chosen, rejected, pol_c, pol_r, ref_c, n_c = r.T
+    return {"reward_accuracy": float((chosen > rejected).double().mean()), "reward_margin": float((chosen - rejected).mean()),
+            "loss": float(loss.mean()), "chosen_logp": float(pol_c.mean()), "rejected_logp": float(pol_r.mean()),
+            "kl": float((pol_c - ref_c).sum() / n_c.sum()), "n": len(r)}
+
+
+@torch.no_grad()
+def _evaluate_kto(model, batches, o, accelerator) -> dict:
+    """KTO's rows are unpaired: reward accuracy is the share of rows whose reward has its label's sign (desirable
+    above 0, undesirable below), the margin the mean desirable reward minus the mean undesirable one."""
+    model.eval()
+    rows = []
+    for batch in batches:
+        pol, n = sequence_logps(model, batch)
+        ref = reference_logps(model, batch, accelerator)
+        desirable = batch["kto_label"].bool()
+        losses, reward = kto(pol, ref, desirable, o, kto_reference_point(pol, ref, accelerator))
+        rows.append(accelerator.gather_for_metrics(torch.stack([losses, reward, desirable.to(pol.dtype), pol, ref, n], 1).double()).cpu())
+    loss, reward, desirable, pol, ref, n = torch.cat(rows).T
+    good, bad = desirable.bool(), ~desirable.bool()
+    return {"reward_accuracy": float(((reward > 0) == good).double().mean()),
+            "reward_margin": metrics.mean([float(reward[good].mean()) if good.any() else None]) -
+                             metrics.mean([float(reward[bad].mean()) if bad.any() else None]),
+            "loss": float(loss.mean()), "chosen_logp": float(pol[good].mean()) if good.any() else float("nan"),
+            "rejected_logp": float(pol[bad].mean()) if bad.any() else float("nan"),
+            "kl": float((pol - ref)[good].sum() / n[good].sum()) if good.any() else float("nan"), "n": len(pol)}
+
+
+@torch.no_grad()
+def precompute_reference(model, ds, pad_id: int, batch_size: int, accelerator, desc: str):
+    """objective.precompute_ref: `ds` with a `ref_logps` column (chosen and rejected for a pair row), computed once
+    by the reference. Every process scores every row, so the column is the same everywhere without a gather."""
+    from tqdm.auto import tqdm
+
+    from lorafit.data import collate
+
+    out = []
+    for start in tqdm(range(0, len(ds), batch_size), desc=f"reference log-probs ({desc})",
+                      disable=not accelerator.is_local_main_process, dynamic_ncols=True):
+        rows = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
+        batch = {k: v.to(accelerator.device) for k, v in collate(rows, pad_id).items()}
+        with as_reference(model, accelerator):
+            logps = sequence_logps(model, batch)[0].cpu().tolist()
+        b = len(rows)
+        out += [[logps[i], logps[b + i]] for i in range(b)] if len(logps) == 2 * b else logps  # pairs: [chosen, rejected]
+    return ds.add_column("ref_logps", out)
+
+
+# ---- SFT and classification evaluation ----
+
+EVAL_TARGETS = 1024  # causal-LM evaluation scores at most this many target tokens per forward (see _row_groups)
+
+
+def _row_groups(batch: dict) -> list[dict]:
+    """A causal-LM eval batch as groups of whole rows with at most EVAL_TARGETS targets each (one row at least).
+    Scoring needs float logits for every target, (targets × vocab): 8 rows of 512 fully-scored tokens on SmolLM2's
+    49k vocab raised a run's peak memory by 4.5 GB. A packed batch (one row) stays whole."""
+    targets = (batch["labels"][:, 1:] != -100).sum(1).tolist()
+    groups, start, count = [], 0, 0
+    for i, n in enumerate(targets):
+        if i > start and count + n > EVAL_TARGETS:
+            groups.append((start, i))
+            start, count = i, 0
+        count += n
+    groups.append((start, len(targets)))
+    return [{k: v[a:b] for k, v in batch.items()} for a, b in groups]
+
+
+@torch.no_grad()
+def evaluate(model, batches, cfg, accelerator) -> dict:
+    """SFT and classification metrics over the eval split, gathered across processes with padding duplicates
+    dropped."""
+    model.eval()
+    task, rows = cfg.model.task, []
+    for batch in batches:
+        if task == "causal_lm":
+            out = torch.cat([torch.stack(loss_sum(model, part, task), 1) for part in _row_groups(batch)]).double()
+        else:
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+            pred = logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1).float()
+            out = torch.stack([pred, batch["labels"].float()], 1).double()
+        rows.append(accelerator.gather_for_metrics(out).cpu())
+    res = torch.cat(rows).numpy()
+    if task == "causal_lm":
+        out = metrics.language_model(float(res[:, 0].sum()), int(res[:, 1].sum()))
+    elif metrics.problem_type(cfg) == "regression":
+        out = metrics.regression(res[:, 0], res[:, 1])
+    else:
+        out = metrics.classification(res[:, 0].astype(int), res[:, 1].astype(int), cfg.data.task)
+    return {**out, "n": len(res)}  # rows evaluated: each exactly once, however many processes
