@@ -68,7 +68,8 @@ def _shrunk(run_dir: Path, out: Path, text: Path) -> dict:
     from lorafit.analysis.spectrum import read_adapter
     from lorafit.generate import load
     from lorafit.shrink import shrink
-    from lorafit.train import evaluate, forgetting_eval
+    from lorafit.objectives import evaluate
+    from lorafit.train import forgetting_eval
 
     report = shrink(run_dir / "adapter", out, energy=0.9)
     cfg = OmegaConf.load(run_dir / "config.yaml")

@@ -188,7 +188,7 @@ def _evaluate(model, recipe: str, tokenizer_dir: str, overrides: tuple[str, ...]
     from lorafit.config import CONF_DIR
     from lorafit.models import build_tokenizer
     from lorafit.data import loader
-    from lorafit.train import evaluate
+    from lorafit.objectives import evaluate
 
     from hydra import compose, initialize_config_dir
 

@@ -89,7 +89,7 @@ def test_forgetting_is_the_loss_on_general_text_after_minus_before(tmp_path, wri
 
     from lorafit import data
     from lorafit.models import build_model, build_tokenizer
-    from lorafit.train import loss_sum
+    from lorafit.objectives import loss_sum
 
     cfg = compose(*SFT, f"eval.forgetting_file={general}", "data.train_file=x.jsonl")
     tok = build_tokenizer(cfg.model)

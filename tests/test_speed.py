@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import REPO, compose
 
-from lorafit.train import epoch_order, loss_sum
+from lorafit.objectives import loss_sum
+from lorafit.train import epoch_order
 
 
 def test_padded_batch_losses_equal_each_row_alone():
@@ -71,7 +72,7 @@ def test_lm_head_on_target_positions_only_gives_the_full_loss_and_gradient():
 
     from lorafit.data import collate
     from lorafit.models import resolve
-    from lorafit.train import _takes_logit_mask
+    from lorafit.objectives import _takes_logit_mask
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(resolve("tiny-llama"))

@@ -303,7 +303,7 @@ def test_causal_lm_evaluation_scores_in_bounded_chunks_with_the_same_result(monk
     (float logits are targets × vocab), and the loss is the unchunked one."""
     from accelerate import Accelerator
 
-    from lorafit import train as train_mod
+    from lorafit import objectives as train_mod
     from lorafit.data import collate
     from lorafit.models import build_model
 
