@@ -88,24 +88,38 @@ PAIR_LOSSES = {"dpo": dpo, "ipo": ipo, "simpo": simpo, "orpo": orpo}
 
 # ---- log-probabilities ----
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+
+def target_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A causal LM's float logits at the positions that predict a target, (targets in the batch, vocab), with those
+    targets and the row each belongs to."""
+    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+    targets = batch["labels"][:, 1:]  # token t predicts token t+1
+    is_target = targets != -100
+    keep = F.pad(is_target, (0, 1))  # the positions that predict a target
+    inputs["use_cache"] = False  # no KV cache to build; and with one, transformers ignores packed position_ids
+    if _takes_logit_mask(model):
+        # Only those go through the LM head: in SFT most positions are prompt, and the head (vocab x hidden)
+        # is the largest matmul of a small LM. Same loss, a fraction of the head's compute and logits memory.
+        logits = model(**inputs, logits_to_keep=keep).logits.float()  # (targets in the batch, vocab)
+    else:
+        logits = model(**inputs).logits.float()[keep]
+    return logits, targets[is_target], keep.nonzero()[:, 0]
+
+
+def _per_row(values: torch.Tensor, row: torch.Tensor, n_rows: int) -> torch.Tensor:
+    return torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add_(0, row, values)
+
+
 def loss_sum(model, batch: dict, task: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of per-target losses per row, targets per row): the caller decides what to normalize by."""
-    inputs, labels = {k: v for k, v in batch.items() if k not in ("labels", "ref_logps", "kto_label")}, batch["labels"]
+    labels = batch["labels"]
     if task == "causal_lm":
-        targets = labels[:, 1:]  # token t predicts token t+1
-        is_target = targets != -100
-        keep = F.pad(is_target, (0, 1))  # the positions that predict a target
-        inputs["use_cache"] = False  # no KV cache to build; and with one, transformers ignores packed position_ids
-        if _takes_logit_mask(model):
-            # Only those go through the LM head: in SFT most positions are prompt, and the head (vocab x hidden)
-            # is the largest matmul of a small LM. Same loss, a fraction of the head's compute and logits memory.
-            logits = model(**inputs, logits_to_keep=keep).logits.float()  # (targets in the batch, vocab)
-        else:
-            logits = model(**inputs).logits.float()[keep]
-        losses = F.cross_entropy(logits, targets[is_target], reduction="none")
-        per_row = torch.zeros(len(labels), dtype=losses.dtype, device=losses.device)
-        return per_row.index_add_(0, keep.nonzero()[:, 0], losses), keep.sum(1)
-    logits = model(**inputs).logits.float()
+        logits, targets, row = target_logits(model, batch)
+        losses = F.cross_entropy(logits, targets, reduction="none")
+        return _per_row(losses, row, len(labels)), (labels[:, 1:] != -100).sum(1)
+    logits = model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS}).logits.float()
     if logits.shape[-1] == 1:  # regression head (STS-B)
         return (logits.squeeze(-1) - labels.float()) ** 2, torch.ones_like(labels, dtype=torch.long)
     return F.cross_entropy(logits, labels, reduction="none"), torch.ones_like(labels)
@@ -189,22 +203,20 @@ def _target_count(batch, task) -> torch.Tensor:
     return (batch["labels"][:, 1:] != -100).sum() if task == "causal_lm" else torch.tensor(len(batch["labels"]))
 
 
-def _pair_scores(model, batch, fn, o, accelerator, reference: bool):
-    """(losses, chosen rewards, rejected rewards, policy logps, reference logps, token counts) of a pair batch."""
-    pol, n = sequence_logps(model, batch)
-    if reference:
-        ref = reference_logps(model, batch, accelerator)
-    else:  # SimPO and ORPO never read it
-        ref = torch.zeros_like(pol)
+def _pair_losses(fn, pol, ref, n, o):
+    """(losses, chosen rewards, rejected rewards) of a pair batch's rows: the B chosen ones, then the B rejected."""
     b = len(pol) // 2
     losses, chosen, rejected = fn(pol[:b], pol[b:], ref[:b], ref[b:], n[:b], n[b:], o)
     if o.sft_weight:  # LLaMA-Factory's pref_ftx: the chosen reply's NLL per token, weighted
         losses = losses + o.sft_weight * (-pol[:b] / n[:b])
-    return losses, chosen, rejected, pol, ref, n
+    return losses, chosen, rejected
 
 
 def _pair_loss(model, batch, fn, o, accelerator):
-    losses, chosen, rejected, *_ = _pair_scores(model, batch, fn, o, accelerator, o.name not in REFERENCE_FREE)
+    pol, n = sequence_logps(model, batch)  # chosen and rejected in one forward
+    # SimPO and ORPO never read the reference: no forward for it
+    ref = torch.zeros_like(pol) if o.name in REFERENCE_FREE else reference_logps(model, batch, accelerator)
+    losses, chosen, rejected = _pair_losses(fn, pol, ref, n, o)
     return losses, (chosen - rejected).detach()
 
 
@@ -215,22 +227,38 @@ def _kto_loss(model, batch, o, accelerator):
     return losses, None
 
 
+def _scored(model, batch, accelerator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Evaluation's forwards: (policy log-probabilities, reference log-probabilities, token counts, per row) and the
+    per-row sum over reply tokens of KL(policy ‖ reference) between the two next-token distributions: an exact KL
+    over the vocabulary at each position (≥ 0), not a log-ratio of the observed tokens. The reference runs live
+    here even with precompute_ref, which saves training forwards."""
+    logits, targets, row = target_logits(model, batch)
+    with as_reference(model, accelerator):
+        ref_logits = target_logits(model, batch)[0]
+    logp, ref_logp = logits.log_softmax(-1), ref_logits.log_softmax(-1)
+    pick = lambda lp: _per_row(lp.gather(1, targets[:, None])[:, 0], row, len(batch["labels"]))
+    kl = _per_row((logp.exp() * (logp - ref_logp)).sum(-1), row, len(batch["labels"]))
+    n = (batch["labels"][:, 1:] != -100).sum(1).to(logits.dtype)
+    return pick(logp), pick(ref_logp), n, kl
+
+
 @torch.no_grad()
 def _evaluate_pairs(model, batches, fn, o, accelerator) -> dict:
-    """Reward accuracy and margin, the replies' log-probabilities, and the policy's per-token log-ratio to the
-    reference on the chosen replies (eval/kl), over every held-out pair once."""
+    """Reward accuracy and margin, the replies' log-probabilities (summed per reply, averaged over pairs), and the
+    policy's KL to the reference per token of the chosen replies (eval/kl), over every held-out pair once."""
     model.eval()
     rows = []
     for batch in batches:
-        losses, chosen, rejected, pol, ref, n = _pair_scores(model, batch, fn, o, accelerator, True)
+        pol, ref, n, kl = _scored(model, batch, accelerator)
         b = len(pol) // 2
-        out = torch.stack([losses, chosen, rejected, pol[:b], pol[b:], ref[:b], n[:b]], 1).double()
+        losses, chosen, rejected = _pair_losses(fn, pol, ref, n, o)
+        out = torch.stack([losses, chosen, rejected, pol[:b], pol[b:], kl[:b], n[:b]], 1).double()
         rows.append(accelerator.gather_for_metrics(out).cpu())
     r = torch.cat(rows)
-    loss, chosen, rejected, pol_c, pol_r, ref_c, n_c = r.T
+    loss, chosen, rejected, pol_c, pol_r, kl, n_c = r.T
     return {"reward_accuracy": float((chosen > rejected).double().mean()), "reward_margin": float((chosen - rejected).mean()),
             "loss": float(loss.mean()), "chosen_logp": float(pol_c.mean()), "rejected_logp": float(pol_r.mean()),
-            "kl": float((pol_c - ref_c).sum() / n_c.sum()), "n": len(r)}
+            "kl": float(kl.sum() / n_c.sum()), "n": len(r)}
 
 
 @torch.no_grad()
@@ -240,19 +268,18 @@ def _evaluate_kto(model, batches, o, accelerator) -> dict:
     model.eval()
     rows = []
     for batch in batches:
-        pol, n = sequence_logps(model, batch)
-        ref = reference_logps(model, batch, accelerator)
+        pol, ref, n, kl = _scored(model, batch, accelerator)
         desirable = batch["kto_label"].bool()
         losses, reward = kto(pol, ref, desirable, o, kto_reference_point(pol, ref, accelerator))
-        rows.append(accelerator.gather_for_metrics(torch.stack([losses, reward, desirable.to(pol.dtype), pol, ref, n], 1).double()).cpu())
-    loss, reward, desirable, pol, ref, n = torch.cat(rows).T
+        rows.append(accelerator.gather_for_metrics(torch.stack([losses, reward, desirable.to(pol.dtype), pol, kl, n], 1).double()).cpu())
+    loss, reward, desirable, pol, kl, n = torch.cat(rows).T
     good, bad = desirable.bool(), ~desirable.bool()
     return {"reward_accuracy": float(((reward > 0) == good).double().mean()),
             "reward_margin": metrics.mean([float(reward[good].mean()) if good.any() else None]) -
                              metrics.mean([float(reward[bad].mean()) if bad.any() else None]),
             "loss": float(loss.mean()), "chosen_logp": float(pol[good].mean()) if good.any() else float("nan"),
             "rejected_logp": float(pol[bad].mean()) if bad.any() else float("nan"),
-            "kl": float((pol - ref)[good].sum() / n[good].sum()) if good.any() else float("nan"), "n": len(pol)}
+            "kl": float(kl[good].sum() / n[good].sum()) if good.any() else float("nan"), "n": len(pol)}
 
 
 @torch.no_grad()
