@@ -417,14 +417,15 @@ def one_process(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["cpu_ddp.yaml", "cpu_fsdp.yaml"])
+@pytest.mark.parametrize("config", ["cpu_ddp.yaml", "cpu_fsdp.yaml", "cpu_zero2.yaml", "cpu_zero3.yaml"])
 def test_two_processes_train_the_one_process_dpo_adapter(tmp_path, one_process, config):
     from test_distributed import adapters_of, launch_two
 
     two = launch_two(*DIST, "train.batch_size=2", f"hydra.run.dir={tmp_path}", config=config)
     assert two.returncode == 0, two.stderr[-3000:]
     s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (one_process, tmp_path))
-    assert s2["processes"] == 2 and s2["distributed"] == ("FSDP" if "fsdp" in config else "MULTI_CPU")
+    engine = "FSDP" if "fsdp" in config else "DEEPSPEED" if "zero" in config else "MULTI_CPU"
+    assert s2["processes"] == 2 and s2["distributed"] == engine
     assert s1["eval"]["n"] == s2["eval"]["n"] == 23  # the pairs that pad the last batch are dropped
     for k in s1["eval"]:
         assert abs(s1["eval"][k] - s2["eval"][k]) <= 1e-5 * max(1, abs(s1["eval"][k])), (k, s1["eval"], s2["eval"])
@@ -490,3 +491,58 @@ def test_a_bad_preference_file_through_the_real_cli_is_one_line(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr
     (line,) = [l for l in out.stderr.splitlines() if l.startswith("lorafit: error:")]
     assert "a preference row's rejected has no assistant reply" in line and '"chosen": "Hi!"' in line
+
+
+@pytest.mark.slow
+def test_kto_on_two_processes_is_one_process_with_their_rows_in_one_micro_batch(tmp_path):
+    """KTO's reference point z is the mean log-ratio of the step's micro-batches over every process: 2 processes of 2
+    rows equal 1 process of 4 (not 1 process of 2 rows accumulated twice, whose z is per micro-batch)."""
+    from test_distributed import adapters_of, launch_two
+
+    args = [*DIST, "objective=kto", "objective.beta=0.5"]
+    one = run_cli(*args, "train.batch_size=4", f"hydra.run.dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = launch_two(*args, "train.batch_size=2", f"hydra.run.dir={tmp_path / 'two'}")
+    assert two.returncode == 0, two.stderr[-3000:]
+    l1, l2 = ([l for l in metrics_lines(tmp_path / d) if "train/loss" in l] for d in ("one", "two"))
+    assert len(l1) == len(l2) == 4 and l1[0]["train/loss"] > 0
+    for x, y in zip(l1, l2):
+        for k in ("train/loss", "train/grad_norm"):
+            assert abs(x[k] - y[k]) <= 1e-5 * max(1, abs(x[k])), (k, x, y)
+    s1, s2 = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+    assert s1["eval"]["n"] == s2["eval"]["n"] == 46  # 23 pairs: a desirable and an undesirable row each
+    # Adam's m/sqrt(v) turns summation-order noise on entries whose gradient is ~0 into steps of up to lr (seen: 3e-4
+    # on one entry at lr 5e-3); each tensor as a whole agrees far closer than a wrongly weighted process would make it.
+    a, b = adapters_of(tmp_path / "one", tmp_path / "two")
+    for k in a:
+        assert (a[k] - b[k]).norm() <= 1e-3 * a[k].norm(), (k, (a[k] - b[k]).norm() / a[k].norm())
+
+
+def test_a_sweep_over_beta_is_reported_by_reward_accuracy(tmp_path):
+    """A multirun of preference runs: sweep.json and the report read each run's primary metric, reward_accuracy."""
+    out = run_cli("-m", *PREF, "train.max_steps=4", "lora.r=2,4", "hooks=[save_adapter,spectrum]",
+                  "hooks.spectrum.plots=false", f"hydra.sweep.dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    assert len(sweep["jobs"]) == 2 and all(j["status"] == "done" for j in sweep["jobs"])
+    for job in sweep["jobs"]:
+        summary = json.loads((Path(job["run_dir"]) / "summary.json").read_text())
+        assert summary["primary_metric"] == "reward_accuracy" and job["metric"] == summary["eval"]["reward_accuracy"]
+    assert "reward_accuracy" in (tmp_path / "report.md").read_text()
+
+
+def test_eval_generate_scores_against_the_chosen_reply_and_a_dpo_adapter_shrinks(tmp_path, dpo_run):
+    """eval.generate on pairs takes the chosen reply as the reference; lorafit.shrink reads a DPO run like any other."""
+    import subprocess
+    import sys
+
+    run_dir, _ = run_inprocess(tmp_path, *PREF, "train.max_steps=2", "eval.generate=3", "eval.max_new_tokens=4")
+    gens = [json.loads(l) for l in (run_dir / "generations.jsonl").read_text().splitlines()]
+    eval_rows = [json.loads(l) for l in PAIRS_EVAL.read_text().splitlines()]
+    assert [g["reference"] for g in gens] == [r["chosen"] for r in eval_rows[:3]]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert "gen_rouge_l" in summary["eval"] and summary["primary_metric"] == "reward_accuracy"
+    out = subprocess.run([sys.executable, "-m", "lorafit.shrink", str(dpo_run), "--rank", "2", "--out", str(tmp_path / "small")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads((tmp_path / "small" / "adapter_config.json").read_text())["r"] == 2
