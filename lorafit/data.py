@@ -427,22 +427,25 @@ def generation_rows(ds, cfg) -> list[dict]:
     the reference reply (that turn; of a preference pair, the chosen reply; of KTO rows, the desirable ones)."""
     if cfg.data.source == "preference":
         kind = preference_kind(ds.column_names, "the eval split")
-        pick = ((p := preference_row(row, kind)) for row in ds)
-        turns = ((p["prompt"] + (p["chosen"] if kind == "pairs" else p["completion"]))
-                 for p in pick if kind == "pairs" or p["label"])
-        return generation_rows_of([{"messages": t} for t in turns], cfg.eval.generate, ("messages",))
-    return generation_rows_of(ds, cfg.eval.generate, sft_format(ds.column_names, cfg.data.format, "the eval split"))
+        pairs = (preference_row(row, kind) for row in ds)
+        rows = ({"messages": p["prompt"] + (p["chosen"] if kind == "pairs" else p["completion"])}
+                for p in pairs if kind == "pairs" or p["label"])
+        return _generation_rows(rows, cfg.eval.generate, ("messages",))
+    return _generation_rows(ds, cfg.eval.generate, sft_format(ds.column_names, cfg.data.format, "the eval split"))
 
 
-def generation_rows_of(ds, n: int, formats) -> list[dict]:
-    rows = []
-    for row in (ds.select(range(min(n, len(ds)))) if hasattr(ds, "select") else ds[:n]):
+def _generation_rows(rows, n: int, formats) -> list[dict]:
+    """The first n of `rows` (a dataset or a generator, read lazily) as prompt turns and reference reply."""
+    from itertools import islice
+
+    out = []
+    for row in islice(rows, n):
         turns = conversation(row, formats)
         last = max((i for i, t in enumerate(turns) if t["role"] == "assistant"), default=None)
         if last is None:
             raise UserError(f"eval.generate: an eval row has no assistant reply to score against: {json.dumps(row)[:120]}")
-        rows.append({"turns": turns[:last], "reference": turns[last]["content"]})
-    return rows
+        out.append({"turns": turns[:last], "reference": turns[last]["content"]})
+    return out
 
 
 def _sft_segments(turns: list[dict], tokenizer, train_from: int = 0) -> list[tuple[str, bool]]:
@@ -501,7 +504,8 @@ def _encode_turns(turns: list[dict], tokenizer, max_len: int, train_from: int = 
     n = len(ids)
     lo, hi = _sft_window(n, replies[-1] if replies else None, max_len)
     ids, labels = ids[lo:hi], labels[lo:hi]
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels, "truncated": n > max_len, "n_loss": sum(l != -100 for l in labels[1:]),  # the first token is never predicted
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels, "truncated": n > max_len,
+            "n_loss": sum(l != -100 for l in labels[1:]),  # the first token is never predicted
             "replies_lost": sum(end <= lo + 1 for _, end in replies[:-1]),  # none of its tokens predicted
             "reply_cut": bool(replies) and replies[-1][1] > hi}
 

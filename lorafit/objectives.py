@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from lorafit import metrics
 from lorafit.adapters import REF_ADAPTER
 
-PREFERENCE = ("dpo", "ipo", "simpo", "orpo")  # paired: chosen against rejected
 REFERENCE_FREE = ("simpo", "orpo")  # no reference forward during training (eval/kl still measures against one)
 
 
@@ -273,13 +272,11 @@ def _evaluate_kto(model, batches, o, accelerator) -> dict:
         losses, reward = kto(pol, ref, desirable, o, kto_reference_point(pol, ref, accelerator))
         rows.append(accelerator.gather_for_metrics(torch.stack([losses, reward, desirable.to(pol.dtype), pol, kl, n], 1).double()).cpu())
     loss, reward, desirable, pol, kl, n = torch.cat(rows).T
-    good, bad = desirable.bool(), ~desirable.bool()
+    good, bad = desirable.bool(), ~desirable.bool()  # a side with no rows gives nan (the mean of nothing)
     return {"reward_accuracy": float(((reward > 0) == good).double().mean()),
-            "reward_margin": metrics.mean([float(reward[good].mean()) if good.any() else None]) -
-                             metrics.mean([float(reward[bad].mean()) if bad.any() else None]),
-            "loss": float(loss.mean()), "chosen_logp": float(pol[good].mean()) if good.any() else float("nan"),
-            "rejected_logp": float(pol[bad].mean()) if bad.any() else float("nan"),
-            "kl": float(kl[good].sum() / n[good].sum()) if good.any() else float("nan"), "n": len(pol)}
+            "reward_margin": float(reward[good].mean() - reward[bad].mean()), "loss": float(loss.mean()),
+            "chosen_logp": float(pol[good].mean()), "rejected_logp": float(pol[bad].mean()),
+            "kl": float(kl[good].sum() / n[good].sum()), "n": len(pol)}
 
 
 @torch.no_grad()
