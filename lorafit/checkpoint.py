@@ -176,7 +176,10 @@ def load_best(accelerator, model, run_dir: Path, step: int) -> None:
     load_trainable(accelerator, model, state)
 
 
-def save(accelerator, run_dir: Path, step: int, keep: int, extra: dict | None = None) -> Path:
+def save(accelerator, run_dir: Path, step: int, keep: int, extra: dict | None = None,
+         rollout: dict | None = None) -> Path:
+    """A checkpoint of the step: accelerate's state (trainable weights, optimizer, RNG per process), `extra` in
+    trainer_state.json, and `rollout`, this process's RL rollout when the step falls inside its updates."""
     root = Path(run_dir) / "checkpoints"
     final, tmp = root / f"step_{step}", root / f".tmp_step_{step}"
     if accelerator.is_main_process:
@@ -184,6 +187,10 @@ def save(accelerator, run_dir: Path, step: int, keep: int, extra: dict | None = 
     accelerator.wait_for_everyone()
     deepspeed = accelerator.distributed_type == "DEEPSPEED"  # its engine writes the model: tell it to skip the base
     accelerator.save_state(str(tmp), safe_serialization=True, **({"exclude_frozen_parameters": True} if deepspeed else {}))
+    if rollout is not None:
+        from safetensors.torch import save_file
+
+        save_file(rollout, tmp / f"rollout_{accelerator.process_index}.safetensors")
     accelerator.wait_for_everyone()  # every process has written its RNG states into tmp before it is renamed
     crash_point("save", step)  # the state is on disk, but not yet marked complete nor renamed
     if accelerator.is_main_process:
@@ -199,6 +206,17 @@ def save(accelerator, run_dir: Path, step: int, keep: int, extra: dict | None = 
 # train keys that change what happens beside the steps, not the steps: a resume may change them
 NOT_TRAJECTORY = ("eval_batch_size", "eval_every", "save_best", "early_stopping_patience", "save_every",
                   "keep_checkpoints", "log_every", "resume", "overwrite", "on_nonfinite")
+
+
+def load_rollout(path: Path, accelerator) -> dict:
+    """This process's rollout saved in the checkpoint at `path` (see save)."""
+    from safetensors.torch import load_file
+
+    file = Path(path) / f"rollout_{accelerator.process_index}.safetensors"
+    if not file.is_file():
+        raise UserError(f"checkpoint {path} stopped inside a rollout's objective.iterations updates but lacks "
+                        f"{file.name}: resume from another checkpoint, or start over")
+    return load_file(file)
 
 
 def fingerprint(cfg) -> dict:

@@ -27,7 +27,7 @@ MERGE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --d
 # The closed choices, as enums: OmegaConf rejects any other value at compose time, naming the key and the allowed
 # values. Members are str (StrEnum), so `cfg.model.task == "seq_cls"` and dict lookups work as with plain strings.
 Task = StrEnum("Task", ["seq_cls", "causal_lm"])
-DataSource = StrEnum("DataSource", ["bbc_news", "glue", "files", "sft", "preference"])
+DataSource = StrEnum("DataSource", ["bbc_news", "glue", "files", "sft", "preference", "prompts"])
 MixStrategy = StrEnum("MixStrategy", ["over", "under"])
 ProblemType = StrEnum("ProblemType", ["classification", "regression"])
 SftFormat = StrEnum("SftFormat", ["auto", "messages", "sharegpt", "alpaca", "prompt_response"])
@@ -41,7 +41,9 @@ Precision = StrEnum("Precision", ["auto", "no", "bf16", "fp16"])
 OnNonfinite = StrEnum("OnNonfinite", ["stop", "skip"])
 Tracker = StrEnum("Tracker", ["none", "wandb", "tensorboard"])
 MergeDtype = StrEnum("MergeDtype", list(MERGE_DTYPES))
-ObjectiveName = StrEnum("ObjectiveName", ["sft", "dpo", "ipo", "simpo", "orpo", "kto"])
+ObjectiveName = StrEnum("ObjectiveName", ["sft", "dpo", "ipo", "simpo", "orpo", "kto", "grpo"])
+GrpoLoss = StrEnum("GrpoLoss", ["grpo", "dapo", "dr_grpo"])  # lorafit.grpo.LOSS_TYPES
+RewardScale = StrEnum("RewardScale", ["group", "none"])
 GgufType = StrEnum("GgufType", ["f16", "q8_0"])  # lorafit.export.GGUF_TYPES
 
 
@@ -91,6 +93,9 @@ class DataConfig:
     max_eval_samples: Optional[int] = None
     group_by_length: bool = False  # batch rows of similar length (less padding; exact: nothing crosses rows)
     packing: bool = False  # causal LM: a micro-batch's rows back to back in one row, no padding (exact: see collate)
+    # data=prompts | bbc_news with objective=grpo: a row's prompt from its columns, a str.format template
+    # ("Topic of: {text:.600}" cuts the text at 600 characters); null: the row's prompt or messages column
+    prompt_template: Optional[str] = None
 
 
 @dataclass
@@ -127,6 +132,18 @@ class ObjectiveConfig:
     precompute_ref: bool = False  # reference log-probabilities once before training, not one forward per step
     desirable_weight: float = 1.0  # KTO: weight of desirable rows' losses
     undesirable_weight: float = 1.0  # KTO: weight of undesirable rows' losses
+    # GRPO (lorafit/grpo.py; data=prompts). beta is the KL weight there: 0 (its default) runs no reference at all
+    rewards: List[Any] = field(default_factory=list)  # [{_target_: lorafit.rewards.exact_match, weight: 1.0, ...}]
+    num_generations: int = 8  # G: completions sampled per prompt, the group its advantages are normalized in
+    max_new_tokens: int = 64  # per completion
+    temperature: float = 1.0
+    top_p: float = 1.0
+    loss_type: GrpoLoss = GrpoLoss.dapo  # grpo: mean per completion; dapo: per token; dr_grpo: per token over G x max_new_tokens
+    epsilon: float = 0.2  # the ratio's clip range [1 - epsilon, 1 + epsilon_high]
+    epsilon_high: Optional[float] = None  # null: epsilon (DAPO's clip-higher uses 0.28)
+    scale_rewards: RewardScale = RewardScale.group  # group: advantages over the group's std; none: not scaled (Dr. GRPO)
+    mask_truncated: bool = False  # completions cut at max_new_tokens carry no loss (DAPO's overlong filtering)
+    iterations: int = 1  # μ: optimizer steps per rollout (> 1: clipped off-policy updates on the same completions)
 
 
 @dataclass
@@ -229,6 +246,11 @@ def _objective_problems(cfg) -> list[str]:
         if d.source == "preference":
             errors.append("data=preference holds pairs for a preference objective: set objective=dpo (or ipo, simpo, "
                           "orpo, kto); for SFT on the chosen replies, give them as data=sft rows")
+        if d.source == "prompts":
+            errors.append("data=prompts holds prompts without replies, for objective=grpo; for SFT give prompt and "
+                          "reply rows as data=sft")
+    elif o.name == "grpo":
+        errors += _grpo_problems(cfg)
     else:
         if cfg.model.task != "causal_lm":
             errors.append(f"objective={o.name} tunes a causal LM on replies; model.task is {cfg.model.task}: use "
@@ -238,8 +260,8 @@ def _objective_problems(cfg) -> list[str]:
                           f"label for KTO): set data=preference (data.source is {d.source})")
         if d.packing:
             errors.append(f"data.packing=true packs SFT rows; objective={o.name} scores whole replies: set data.packing=false")
-    if o.beta <= 0:
-        errors.append(f"objective.beta={o.beta} must be > 0")
+    if o.beta < 0 or (o.beta == 0 and o.name != "grpo"):
+        errors.append(f"objective.beta={o.beta} must be > 0" + (" (0 turns the KL term off for grpo only)" if o.beta == 0 else ""))
     if not 0 <= o.label_smoothing < 0.5:
         errors.append(f"objective.label_smoothing={o.label_smoothing} must be in [0, 0.5)")
     elif o.label_smoothing and o.name not in ("dpo", "simpo"):
@@ -265,6 +287,50 @@ def _objective_problems(cfg) -> list[str]:
                 init_from_dir(lo.init_from)
             except UserError as e:
                 errors.append(str(e))
+    return errors
+
+
+def _grpo_problems(cfg) -> list[str]:
+    o, d, errors = cfg.objective, cfg.data, []
+    if cfg.model.task != "causal_lm":
+        errors.append(f"objective=grpo samples replies from a causal LM; model.task is {cfg.model.task}")
+    if d.source not in ("prompts", "bbc_news"):
+        errors.append(f"objective=grpo reads prompt rows (a prompt or messages column, or data.prompt_template, plus "
+                      f"the columns its rewards read): set data=prompts (data.source is {d.source})")
+    elif d.source == "bbc_news" and not d.prompt_template:
+        errors.append("objective=grpo on data=bbc_news makes each article's prompt from data.prompt_template (e.g. "
+                      "'Topic of this article in one word: {text:.600}'): set it, or use recipe=grpo_topic")
+    if d.packing:
+        errors.append("data.packing=true packs SFT rows; objective=grpo generates per prompt: set data.packing=false")
+    if not o.rewards:
+        errors.append("objective=grpo needs objective.rewards, e.g. [{_target_: lorafit.rewards.exact_match, column: "
+                      "answer, weight: 1.0}]")
+    else:
+        from lorafit.rewards import build
+
+        try:
+            build(o.rewards)
+        except UserError as e:
+            errors.append(str(e))
+    if o.num_generations < 2:
+        errors.append(f"objective.num_generations={o.num_generations} must be >= 2: advantages compare a prompt's "
+                      "completions with each other")
+    for key in ("max_new_tokens", "iterations"):
+        if o[key] <= 0:
+            errors.append(f"objective.{key}={o[key]} must be a positive integer")
+    if o.temperature <= 0:
+        errors.append(f"objective.temperature={o.temperature} must be > 0 (GRPO samples; eval is greedy)")
+    if not 0 < o.top_p <= 1:
+        errors.append(f"objective.top_p={o.top_p} must be in (0, 1]")
+    if not 0 < o.epsilon < 1 or (o.epsilon_high is not None and o.epsilon_high <= 0):
+        errors.append(f"objective.epsilon={o.epsilon} must be in (0, 1) and objective.epsilon_high={o.epsilon_high} "
+                      "> 0 (or null: epsilon)")
+    if o.precompute_ref:
+        errors.append("objective.precompute_ref=true stores reference log-probs of fixed replies; GRPO's replies are "
+                      "sampled each step: set it to false")
+    if cfg.eval.generate:
+        errors.append(f"eval.generate={cfg.eval.generate}: objective=grpo's evaluation generates for every held-out "
+                      "prompt already (generations.jsonl); set eval.generate=0")
     return errors
 
 
@@ -353,7 +419,7 @@ def validate(cfg) -> None:
 
         if d.task not in GLUE_TASKS:
             errors.append(f"data.task={d.task!r} is not one of: {', '.join(GLUE_TASKS)}")
-    if d.source in ("files", "sft", "preference"):
+    if d.source in ("files", "sft", "preference", "prompts"):
         given = [k for k in ("train_file", "hf_dataset", "mix") if d[k]]
         if len(given) != 1:
             errors.append(f"data.source={d.source} reads one of data.train_file, data.hf_dataset or data.mix"
@@ -376,7 +442,7 @@ def validate(cfg) -> None:
         errors.append(f"data.eval_fraction={d.eval_fraction} must be in (0, 1)")
     if d.source == "files" and not 1 <= len(d.text_columns) <= 2:
         errors.append(f"data.text_columns={list(d.text_columns)} must name one column, or two for sentence pairs")
-    if d.source in ("sft", "preference") and m.task != "causal_lm":
+    if d.source in ("sft", "preference", "prompts") and m.task != "causal_lm":
         errors.append(f"data.source={d.source} needs model.task=causal_lm")
     if d.packing and m.task != "causal_lm":
         errors.append(f"data.packing=true needs model.task=causal_lm (it is {m.task}); set data.packing=false")

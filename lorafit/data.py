@@ -52,6 +52,9 @@ def load_splits(cfg) -> Splits:
         train, ev = _train_eval_rows(cfg)
         splits = _files(train, ev, cfg) if d.source == "files" else Splits(train, ev, (), None)
     if task == "causal_lm":
+        if d.source == "bbc_news":  # topics by name: what objective=grpo's rewards check a generated answer against
+            names = splits.labels
+            splits.train, splits.eval = (ds.map(lambda r: {"label": names[r["label"]]}) for ds in (splits.train, splits.eval))
         splits.labels = None
     for name, cap in (("train", d.max_train_samples), ("eval", d.max_eval_samples)):
         ds = getattr(splits, name)
@@ -297,7 +300,10 @@ def tokenize(splits: Splits, tokenizer, cfg) -> tuple:
     out = []
     for name in ("train", "eval"):
         ds = getattr(splits, name)
-        if cfg.data.source == "sft":
+        if cfg.objective.name == "grpo":
+            _check_prompts(ds.column_names, cfg.data.prompt_template, f"the {name} split")
+            encode = lambda batch: _encode_prompts(batch, tokenizer, max_len, cfg.data.prompt_template)
+        elif cfg.data.source == "sft":
             formats = sft_format(ds.column_names, cfg.data.format, f"the {name} split")
             encode = lambda batch: _encode_sft(batch, tokenizer, max_len, formats)
         elif cfg.data.source == "preference":
@@ -309,7 +315,11 @@ def tokenize(splits: Splits, tokenizer, cfg) -> tuple:
             encode = lambda batch: _encode_preference(batch, tokenizer, max_len, kind, unpaired)
         else:
             encode = lambda batch: _encode_text(batch, splits.text_columns, tokenizer, max_len, task)
-        enc = ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenize {name}")
+        # a prompt row keeps its other columns: the rewards read them
+        keep = cfg.objective.name == "grpo"
+        if keep:
+            ds = ds.add_column("prompt_id", list(range(len(ds))))  # what seeds its completions' sampling (grpo.py)
+        enc = ds.map(encode, batched=True, remove_columns=[] if keep else ds.column_names, desc=f"tokenize {name}")
         n_cut = sum(enc["truncated"])
         if n_cut:
             log.warning("%d of %d %s rows are longer than data.max_length=%d %s", n_cut, len(enc), name, max_len,
@@ -328,7 +338,9 @@ def tokenize(splits: Splits, tokenizer, cfg) -> tuple:
 
 
 def _cut_how(enc) -> str:
-    """How the rows were cut: text rows lose their end; SFT rows their start (see _sft_window)."""
+    """How the rows were cut: text rows lose their end; SFT rows their start (see _sft_window); prompts theirs."""
+    if "prompt_id" in enc.column_names:
+        return "and lost their start (the end, where the reply begins, is kept)"
     if "reply_cut" not in enc.column_names:
         return "and were truncated"
     lost, long_reply = sum(enc["replies_lost"]), sum(enc["reply_cut"])
@@ -400,6 +412,55 @@ def conversation(row: dict, formats: tuple[str, ...]) -> list[dict]:
         system = [{"role": "system", "content": row["system"]}] if row.get("system") else []
         return system + [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
     return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
+
+
+def prompt_text(tokenizer, turns: list[dict], raw: bool = False) -> str:
+    """What the model sees before its reply: the chat template with the assistant header, as in SFT training,
+    or (no template) lorafit's plain `role: content` lines, the format `_sft_segments` trains on.
+    raw: the last turn's text as it is, for a model trained on plain text (data=files)."""
+    if raw:
+        return (tokenizer.bos_token or "") + turns[-1]["content"]
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    return (tokenizer.bos_token or "") + "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant: "
+
+
+# Prompt rows (objective=grpo): a `prompt` (a string or messages), or `messages` (a final assistant turn, if any, is
+# left out), or data.prompt_template filled from the row's columns; every other column is kept for the rewards.
+def _check_prompts(columns: list[str], template: str | None, key: str) -> None:
+    if template is None and not {"prompt", "messages"} & set(columns):
+        raise UserError(f"{key}: objective=grpo needs a 'prompt' or 'messages' column, or data.prompt_template to make "
+                        f"one from the columns; its columns are: {', '.join(columns)}")
+
+
+def prompt_turns(row: dict, template: str | None) -> list[dict]:
+    if template is not None:
+        try:
+            return [{"role": "user", "content": template.format(**row)}]
+        except (KeyError, IndexError, ValueError) as e:
+            raise UserError(f"data.prompt_template={template!r} can't be filled from a row with columns "
+                            f"{', '.join(row)} ({type(e).__name__}: {e})") from None
+    if row.get("prompt") is not None:
+        return _as_turns(row["prompt"], "user", "prompt", row)
+    turns = [{"role": t["role"], "content": t["content"]} for t in row.get("messages") or []]
+    if turns and turns[-1]["role"] == "assistant":
+        turns = turns[:-1]
+    if not turns:
+        raise UserError(f"a prompt row has no prompt turn: {json.dumps(row, default=str)[:120]}")
+    return turns
+
+
+def _encode_prompts(batch, tokenizer, max_len: int, template: str | None) -> dict:
+    """Prompt rows -> their templated token ids, cut from the left to max_len (the end is where the reply starts)."""
+    out = {"input_ids": [], "attention_mask": [], "truncated": [], "n_loss": []}
+    for vals in zip(*batch.values()):
+        ids = tokenizer(prompt_text(tokenizer, prompt_turns(dict(zip(batch, vals)), template)),
+                        add_special_tokens=False)["input_ids"]
+        out["input_ids"].append(ids[-max_len:])
+        out["attention_mask"].append([1] * len(ids[-max_len:]))
+        out["truncated"].append(len(ids) > max_len)
+        out["n_loss"].append(len(ids))  # any prompt can be completed
+    return out
 
 
 def general_text(cfg, tokenizer):
@@ -624,13 +685,15 @@ def collate(rows: list[dict], pad_id: int, pack: bool = False) -> dict[str, torc
     width = max(len(r["input_ids"]) for r in rows)
     batch = {}
     for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("token_type_ids", 0), ("labels", -100),
-                      ("kto_label", None), ("ref_logps", None)):
+                      ("kto_label", None), ("ref_logps", None), ("prompt_id", None)):
         if key not in rows[0]:
             continue
         if isinstance(rows[0][key], list):
             batch[key] = torch.tensor([r[key] + [fill] * (width - len(r[key])) for r in rows])
-        else:  # one value per row: an int class, a float regression target, a KTO label
+        else:  # one value per row: an int class, a float regression target, a KTO label, a prompt's row number
             batch[key] = torch.tensor([r[key] for r in rows])
+    for key in rows[0].keys() - batch.keys():  # a prompt row's other columns, as lists, for the rewards (grpo)
+        batch[key] = [r[key] for r in rows]
     return batch
 
 

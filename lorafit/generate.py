@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from lorafit.cli import quiet_libraries, user_errors_as_one_line
+from lorafit.data import prompt_text
 from lorafit.errors import UserError
 
 
@@ -64,17 +65,6 @@ def load(path: str | Path, base: str | None = None, allow_pickle: bool = False, 
     return Loaded(model.eval(), tokenizer, info["task"], info.get("labels"), info.get("data") or {})
 
 
-def prompt_text(tokenizer, turns: list[dict], raw: bool = False) -> str:
-    """What the model sees before its reply: the chat template with the assistant header, as in SFT training,
-    or (no template) lorafit's plain `role: content` lines, the format `data._sft_segments` trains on.
-    raw: the last turn's text as it is, for a model trained on plain text (data=files)."""
-    if raw:
-        return (tokenizer.bos_token or "") + turns[-1]["content"]
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-    return (tokenizer.bos_token or "") + "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant: "
-
-
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, temperature: float = 0.0,
              top_p: float = 1.0, batch_size: int = 8, streamer=None, synced: bool = False) -> list[str]:
@@ -112,19 +102,26 @@ def generation_eval(rows: list[dict], tokenizer, cfg, accelerator, run_dir: Path
                                synced=sharded)
         if not accelerator.is_main_process:
             return {}
-        samples = [{"step": step, "prompt": p, "reference": r["reference"], "output": o}
-                   for p, r, o in zip(prompts, rows, outputs)]
-        with (run_dir / "generations.jsonl").open("a") as f:
-            f.write("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
-        if cfg.logging.backend == "wandb":
-            import wandb
-
-            table = wandb.Table(columns=["prompt", "reference", "output"],
-                                data=[[s["prompt"], s["reference"], s["output"]] for s in samples])
-            accelerator.get_tracker("wandb", unwrap=True).log({"eval/generations": table}, step=step)
+        write_samples([{"step": step, "prompt": p, "reference": r["reference"], "output": o}
+                       for p, r, o in zip(prompts, rows, outputs)], run_dir, cfg, accelerator, step)
         return {f"gen_{k}": v for k, v in metrics.generation(outputs, [r["reference"] for r in rows]).items()}
 
     return score
+
+
+def write_samples(samples: list[dict], run_dir: Path, cfg, accelerator, step: int) -> None:
+    """An evaluation's generated samples (dicts of one kind, with "step"): appended to generations.jsonl in the run
+    dir and, with W&B, logged as the eval/generations table. Main process only."""
+    if not (accelerator.is_main_process and samples):
+        return
+    with (run_dir / "generations.jsonl").open("a") as f:
+        f.write("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+    if cfg.logging.backend == "wandb":
+        import wandb
+
+        columns = [k for k in samples[0] if k != "step"]
+        table = wandb.Table(columns=columns, data=[[s.get(k) for k in columns] for s in samples])
+        accelerator.get_tracker("wandb", unwrap=True).log({"eval/generations": table}, step=step)
 
 
 def text_columns(loaded: Loaded) -> tuple[str, ...]:

@@ -31,7 +31,10 @@ def problem_type(cfg) -> str:
 
 def primary_metric(cfg) -> str:
     """The eval metric this config is judged by (what summary.json, sweeps and the sweeper read)."""
-    if (cfg.get("objective") or {}).get("name", "sft") != "sft":  # a preference run: is the chosen reply preferred?
+    objective = (cfg.get("objective") or {}).get("name", "sft")
+    if objective == "grpo":  # RL: the mean reward of greedy replies to held-out prompts
+        return "reward"
+    if objective != "sft":  # a preference run: is the chosen reply preferred?
         return "reward_accuracy"
     problem = problem_type(cfg)
     if problem == "language_model":

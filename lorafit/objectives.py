@@ -175,27 +175,32 @@ def reference_logps(model, batch: dict, accelerator) -> torch.Tensor:
 @dataclass
 class Objective:
     units: Callable  # micro-batch -> how many units its loss is a sum over (a 0-d tensor)
-    loss: Callable  # (model, micro-batch) -> (per-unit losses, per-unit reward margins or None)
-    evaluate: Callable  # (model, eval batches) -> metrics
-    paired: bool = False  # logs train/reward_margin
+    # (model, micro-batch) -> (per-unit losses, {name: tensor [sum, count]}): the loop logs each stat as
+    # train/NAME, the sum over the step's micro-batches and processes over the count
+    loss: Callable
+    evaluate: Callable  # (model, eval batches, step) -> metrics
     reference: bool = False  # needs reference log-probabilities (precompute_ref can compute them once)
+    # RL (lorafit/grpo.py): (model, prompt micro-batch, its index in the run) -> the micro-batch to train on, made
+    # once per `iterations` optimizer steps
+    rollout: Callable | None = None
+    iterations: int = 1
 
 
 def build(cfg, accelerator) -> Objective:
     name, task = cfg.objective.name, cfg.model.task
     if name == "sft":
-        return Objective(units=lambda b: _target_count(b, task), loss=lambda model, b: (loss_sum(model, b, task)[0], None),
-                         evaluate=lambda model, batches: evaluate(model, batches, cfg, accelerator))
+        return Objective(units=lambda b: _target_count(b, task), loss=lambda model, b: (loss_sum(model, b, task)[0], {}),
+                         evaluate=lambda model, batches, step: evaluate(model, batches, cfg, accelerator))
     o = cfg.objective
     if name == "kto":
         return Objective(units=lambda b: torch.tensor(len(b["labels"])),
                          loss=lambda model, b: _kto_loss(model, b, o, accelerator),
-                         evaluate=lambda model, batches: _evaluate_kto(model, batches, o, accelerator), reference=True)
+                         evaluate=lambda model, batches, step: _evaluate_kto(model, batches, o, accelerator), reference=True)
     fn = PAIR_LOSSES[name]
     return Objective(units=lambda b: torch.tensor(len(b["labels"]) // 2),
                      loss=lambda model, b: _pair_loss(model, b, fn, o, accelerator),
-                     evaluate=lambda model, batches: _evaluate_pairs(model, batches, fn, o, accelerator),
-                     paired=True, reference=name not in REFERENCE_FREE)
+                     evaluate=lambda model, batches, step: _evaluate_pairs(model, batches, fn, o, accelerator),
+                     reference=name not in REFERENCE_FREE)
 
 
 def _target_count(batch, task) -> torch.Tensor:
@@ -216,14 +221,15 @@ def _pair_loss(model, batch, fn, o, accelerator):
     # SimPO and ORPO never read the reference: no forward for it
     ref = torch.zeros_like(pol) if o.name in REFERENCE_FREE else reference_logps(model, batch, accelerator)
     losses, chosen, rejected = _pair_losses(fn, pol, ref, n, o)
-    return losses, (chosen - rejected).detach()
+    margins = (chosen - rejected).detach()
+    return losses, {"reward_margin": torch.stack([margins.sum(), torch.tensor(float(len(margins)), device=margins.device)])}
 
 
 def _kto_loss(model, batch, o, accelerator):
     pol, _ = sequence_logps(model, batch)
     ref = reference_logps(model, batch, accelerator)
     losses, _ = kto(pol, ref, batch["kto_label"].bool(), o, kto_reference_point(pol, ref, accelerator))
-    return losses, None
+    return losses, {}
 
 
 def _scored(model, batch, accelerator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -282,6 +282,8 @@ def run(cfg, run_dir: Path | None = None) -> float:
         "trainable_params": params["trainable"], "total_params": params["total"],
         "trainable_percent": params["percent"], "train_wall_s": result.wall_s,
         "eval_wall_s": result.eval_s,  # throughput below is over training steps only, evaluation left out
+        **({"rollout_wall_s": result.rollout_s, "rollout_share": result.rollout_s / max(result.wall_s - result.eval_s, 1e-9)}
+           if cfg.objective.name == "grpo" else {}),  # RL: how much of training was generating and scoring
         "samples_per_s": result.samples / (result.wall_s - result.eval_s) if result.wall_s > result.eval_s else None,
         "tokens_per_s": result.tokens / (result.wall_s - result.eval_s) if result.wall_s > result.eval_s else None,
         "best_step": result.best_step, "adapter_step": result.best_step if cfg.train.save_best else result.steps,
@@ -295,7 +297,7 @@ def run(cfg, run_dir: Path | None = None) -> float:
     if accelerator.is_main_process:
         adapters.drop_reference(trained)  # lora.init_from's frozen reference: the hooks see the trained adapter alone
         probe = data.collate([eval_ds[i] for i in range(min(8, len(eval_ds)))], tokenizer.pad_token_id)
-        probe = {k: v for k, v in probe.items() if k not in ("kto_label", "ref_logps")}  # model inputs only
+        probe = {k: v for k, v in probe.items() if k in ("input_ids", "attention_mask", "token_type_ids")}  # model inputs only
         ctx = hooks.RunContext(cfg, trained, tokenizer, run_dir, accelerator, summary, probe, splits.labels)
         hooks.run_hooks(ctx)
         summary["wall_s"] = time.perf_counter() - t_start

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lorafit import checkpoint, metrics, objectives
+from lorafit import checkpoint, grpo, metrics, objectives
 from lorafit.data import loader
 from lorafit.errors import UserError
 from lorafit.flops import FlopCounter
@@ -39,6 +39,7 @@ class TrainResult:
     tokens: int = 0
     wall_s: float = 0.0
     eval_s: float = 0.0  # of wall_s; throughput figures leave it out
+    rollout_s: float = 0.0  # of wall_s: RL's generation and scoring (objective=grpo)
     skipped_steps: int = 0  # non-finite steps skipped by train.on_nonfinite=skip
     overflow_steps: int = 0  # fp16: steps whose update the GradScaler skipped (routine while it finds its scale)
     best_step: int | None = None  # the step of the best evaluation by the primary metric
@@ -66,12 +67,14 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
     """Each of `extra_evals`, a function (model, step) -> dict, adds its scores to every evaluation (eval.generate,
     eval.forgetting_file)."""
     t, pad_id, nproc = cfg.train, tokenizer.pad_token_id, accelerator.num_processes
-    objective = objectives.build(cfg, accelerator)
+    objective = grpo.build(cfg, accelerator, tokenizer, run_dir) if cfg.objective.name == "grpo" else \
+        objectives.build(cfg, accelerator)
+    mu = objective.iterations  # optimizer steps per batch of prompts (RL reuses a rollout mu times)
     per_epoch = len(train_ds) // (t.batch_size * nproc)  # micro-batches per process per epoch (drop_last)
     if per_epoch == 0:
         raise UserError(f"the train split has {len(train_ds)} rows: too few for one batch of train.batch_size="
                         f"{t.batch_size} x {nproc} processes; lower train.batch_size")
-    total = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * per_epoch / t.grad_accum))
+    total = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * per_epoch / t.grad_accum)) * mu
     if accelerator.distributed_type == "FSDP":  # before the optimizer: it must hold the materialized weights
         from lorafit.models import fsdp_unit_classes, materialize_meta_weights
 
@@ -93,19 +96,22 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
     eval_loader = loader(eval_ds, t.eval_batch_size, np.argsort(lengths, kind="stable").tolist(), pad_id, accelerator, False)
 
     start, metric, fingerprint = 0, metrics.primary_metric(cfg), checkpoint.fingerprint(cfg)
-    best, window = checkpoint.Best(metric, metrics.higher_is_better(metric)), []
+    best, window, rolled = checkpoint.Best(metric, metrics.higher_is_better(metric)), [], None
     if (ckpt := checkpoint.find(t.resume, run_dir)) is not None:
         state = checkpoint.load(accelerator, ckpt, scheduler, fingerprint)
         start, best = state["step"], checkpoint.Best(**state.get("best", best.__dict__))
         # the per-step losses since the last log: the next logged loss averages them too, as if never stopped
-        window = [torch.tensor(v, dtype=torch.float32, device=accelerator.device) for v in state["loss_window"]]  # [loss, margin]
+        window = [{k: torch.tensor(v, device=accelerator.device) for k, v in w.items()} for w in state["loss_window"]]
+        if start % mu:  # stopped inside a rollout's mu updates: the rest of them train on that rollout
+            rolled = grpo.from_safetensors(checkpoint.load_rollout(ckpt, accelerator), accelerator.device)
         accelerator.print(f"resumed from {ckpt} at step {start}/{total}")
     log.truncate_after(start)  # a run that died before its first checkpoint starts over from step 0 too
 
     def save_checkpoint(step: int) -> None:
         checkpoint.save(accelerator, run_dir, step, t.keep_checkpoints, extra={
             "fingerprint": fingerprint, "scheduler": scheduler.state_dict(), "best": best.__dict__,
-            "loss_window": [v.tolist() for v in window]})
+            "loss_window": [{k: v.item() for k, v in w.items()} for w in window]},
+            rollout=grpo.to_safetensors(rolled) if step % mu else None)
 
     lengths = [len(ids) for ids in train_ds["input_ids"]] if cfg.data.group_by_length else None
 
@@ -121,37 +127,44 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
     counter = FlopCounter(accelerator.unwrap_model(model))
     # Clip over the model's whole parameter list (frozen ones have no grad): it is what accelerate recognizes to clip
     # FSDP1 by the global norm; a list of the trainable ones alone gets each shard clipped by its own norm.
-    stream, params = micro_batches(start * t.grad_accum), list(model.parameters())
+    stream, params = micro_batches(-(-start // mu) * t.grad_accum), list(model.parameters())  # ceil: rollouts begun
     res, t0, tokens = TrainResult(steps=start), time.perf_counter(), torch.zeros((), dtype=torch.long)
     bar = tqdm(total=total, initial=start, desc="train", disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     say = bar.write if accelerator.is_local_main_process else (lambda _: None)  # tqdm.write prints even when disabled
     with checkpoint.Preemption() as preemption:  # SIGTERM / SIGUSR1: a checkpoint, then exit
         for step in range(start + 1, total + 1):
             model.train()
-            batches = [next(stream) for _ in range(t.grad_accum)]
+            t_step = time.perf_counter()
+            if objective.rollout is None:
+                batches = [next(stream) for _ in range(t.grad_accum)]
+            elif (step - 1) % mu == 0 or rolled is None:  # RL: new prompts, their completions and rewards
+                first = (step - 1) // mu * t.grad_accum  # the run's index of the rollout's first micro-batch
+                rolled = [objective.rollout(model, next(stream), first + j) for j in range(t.grad_accum)]
+                res.rollout_s += (rollout_s := time.perf_counter() - t_step)
+            batches = rolled if objective.rollout is not None else batches
             # the global count of the objective's units (target tokens, pairs, rows) that the step's loss averages over
             n_global = accelerator.reduce(torch.stack([objective.units(b) for b in batches]).sum().to(accelerator.device), "sum")
-            step_loss = torch.zeros(2, device=accelerator.device)  # summed loss and reward margin (preference runs)
+            step_loss, step_stats = torch.zeros((), device=accelerator.device), {}  # stats: name -> [sum, count]
             for batch in batches:
                 # accumulate(): gradients sync (DDP, FSDP) and DeepSpeed's engine steps on the step's last micro-batch only.
                 # DDP averages gradients over processes and accelerate / DeepSpeed divide each micro-batch's loss by
                 # train.grad_accum: multiplying by both turns those averages into our global sum.
                 with accelerator.accumulate(model):
-                    losses, margins = objective.loss(model, batch)
+                    losses, stats = objective.loss(model, batch)
                     accelerator.backward(losses.sum() * nproc * t.grad_accum / n_global)
-                step_loss[0] += losses.sum().detach()
-                if margins is not None:
-                    step_loss[1] += margins.sum()
+                step_loss += losses.sum().detach()
+                for k, v in stats.items():
+                    step_stats[k] = step_stats.get(k, 0) + v.to(accelerator.device, torch.float32)
                 counter.attention(batch)
-                res.samples += t.batch_size * nproc  # drop_last: every micro-batch is full
+                res.samples += len(batch["labels"]) * nproc if objective.rollout else t.batch_size * nproc  # RL: completions
                 # Non-pad tokens, as a tensor: no host sync per micro-batch. A packed batch has no padding at all.
                 tokens += (batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()) * nproc
             # DeepSpeed clips inside its step (at train.max_grad_norm) and reports the norm as a float
             grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf")))
-            finite = bool(torch.isfinite(step_loss[0]) and torch.isfinite(grad_norm))  # one host sync per step
+            finite = bool(torch.isfinite(step_loss) and torch.isfinite(grad_norm))  # one host sync per step
             if not finite and accelerator.scaler is None:  # fp16's GradScaler handles its own overflows (below)
                 if t.on_nonfinite == "stop":
-                    raise UserError(f"non-finite loss or gradient at step {step} (loss={step_loss[0].item()}, grad norm="
+                    raise UserError(f"non-finite loss or gradient at step {step} (loss={step_loss.item()}, grad norm="
                                     f"{float(grad_norm)}); lower train.lr, or set train.on_nonfinite=skip. "
                                     f"Checkpoints already written under {run_dir / 'checkpoints'} are kept")
                 res.skipped_steps += 1
@@ -163,21 +176,24 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
             else:
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            window.append(accelerator.reduce(step_loss, "sum") / n_global)
+            window.append(_step_means(accelerator, step_loss, n_global, step_stats))
+            if objective.rollout is not None:  # the share of the step spent generating and scoring
+                window[-1]["generate_s"] = torch.tensor(rollout_s if (step - 1) % mu == 0 else 0.0)
+                window[-1]["step_s"] = torch.tensor(time.perf_counter() - t_step)
             bar.update(1)
             if step % t.log_every == 0 or step == total:
-                res.train_loss, margin = torch.stack(window).mean(0).tolist()
+                means = {k: float(torch.stack([w[k] for w in window]).float().mean()) for k in window[-1]}
+                res.train_loss = means.pop("loss")
                 values = {"train/loss": res.train_loss, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
-                          "train/samples": step * t.grad_accum * t.batch_size * nproc}
-                shown = {"loss": f"{res.train_loss:.4f}", "lr": f"{scheduler.get_last_lr()[0]:.2e}"}
-                if objective.paired:
-                    values["train/reward_margin"], shown["margin"] = margin, f"{margin:.3f}"
+                          "train/samples": step * t.grad_accum * t.batch_size * nproc, **{f"train/{k}": v for k, v in means.items()}}
+                shown = {"loss": f"{res.train_loss:.4f}", "lr": f"{scheduler.get_last_lr()[0]:.2e}",
+                         **{k: f"{means[k]:.3f}" for k in ("reward_margin", "reward") if k in means}}
                 log.write(step, values)
                 bar.set_postfix(shown)
                 window = []
             if (t.eval_every and step % t.eval_every == 0) or step == total:
                 t_eval = time.perf_counter()
-                res.eval = objective.evaluate(model, eval_loader)
+                res.eval = objective.evaluate(model, eval_loader, step)
                 for extra in extra_evals:
                     res.eval.update(extra(model, step))
                 res.eval_s += time.perf_counter() - t_eval
@@ -212,11 +228,21 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
         res.eval = best.eval
     res.best_step = best.step
     if not res.eval:  # resumed at the very end: evaluate what was loaded
-        res.eval = objective.evaluate(model, eval_loader)
+        res.eval = objective.evaluate(model, eval_loader, res.steps)
     res.wall_s, res.tokens = time.perf_counter() - t0, int(tokens)
     counter.remove()
     res.flops = int(accelerator.reduce(torch.tensor(counter.total, dtype=torch.float64, device=accelerator.device), "sum"))
     return res
+
+
+def _step_means(accelerator, loss, n_global, stats: dict) -> dict:
+    """The step's loss over its global unit count, and each stat's global sum over its global count: one reduction."""
+    names = list(stats)
+    summed = accelerator.reduce(torch.stack([loss, *(v for k in names for v in stats[k])]), "sum")
+    out = {"loss": summed[0] / n_global}
+    for i, k in enumerate(names):
+        out[k] = summed[1 + 2 * i] / summed[2 + 2 * i].clamp(min=1e-12)  # nothing counted (no tokens): 0
+    return out
 
 
 def epoch_order(n: int, batch: int, seed: int, lengths: list[int] | None = None) -> list[int]:
