@@ -204,7 +204,7 @@ def save(accelerator, run_dir: Path, step: int, keep: int, extra: dict | None = 
 
 
 # train keys that change what happens beside the steps, not the steps: a resume may change them
-NOT_TRAJECTORY = ("eval_batch_size", "eval_every", "save_best", "early_stopping_patience", "save_every",
+NOT_TRAJECTORY = ("eval_batch_size", "eval_every", "eval_on_start", "save_best", "early_stopping_patience", "save_every",
                   "keep_checkpoints", "log_every", "resume", "overwrite", "on_nonfinite")
 
 

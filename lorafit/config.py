@@ -169,6 +169,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     mixed_precision: Precision = Precision.auto  # auto = bf16 where the GPU or CPU has it natively, else fp32
     eval_every: int = 0  # 0 = only at the end
+    eval_on_start: bool = False  # also evaluate before the first step (step 0): the base line the run is read against
     save_best: bool = False  # the final adapter is the best evaluation's (primary metric), not the last step's
     early_stopping_patience: int = 0  # stop after this many evaluations without improvement; 0 = never
     save_every: int = 0  # 0 = no intermediate checkpoints

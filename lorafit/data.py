@@ -317,9 +317,9 @@ def tokenize(splits: Splits, tokenizer, cfg) -> tuple:
             encode = lambda batch: _encode_text(batch, splits.text_columns, tokenizer, max_len, task)
         # a prompt row keeps its other columns: the rewards read them
         keep = cfg.objective.name == "grpo"
-        if keep:
-            ds = ds.add_column("prompt_id", list(range(len(ds))))  # what seeds its completions' sampling (grpo.py)
         enc = ds.map(encode, batched=True, remove_columns=[] if keep else ds.column_names, desc=f"tokenize {name}")
+        if keep:
+            enc = enc.add_column("prompt_id", list(range(len(enc))))  # what seeds its completions' sampling (grpo.py)
         n_cut = sum(enc["truncated"])
         if n_cut:
             log.warning("%d of %d %s rows are longer than data.max_length=%d %s", n_cut, len(enc), name, max_len,

@@ -269,8 +269,10 @@ def _columns(batch: dict) -> dict[str, list]:
 
 
 def _answers(batch: dict, i: int) -> dict:
-    """Row i's reward columns for the samples file (strings and numbers only: what a person reads beside the output)."""
-    return {k: v[i] for k, v in _columns(batch).items() if k != "prompt" and isinstance(v[i], (str, int, float))}
+    """Row i's other columns for the samples file: strings (their first 200 characters) and numbers, what a person
+    reads beside the output (the answer a reward checks it against)."""
+    return {k: v[i][:200] if isinstance(v[i], str) else v[i] for k, v in _columns(batch).items()
+            if k not in ("prompt", "messages") and isinstance(v[i], (str, int, float))}
 
 
 def _score(rewards, batch: dict, completions: list[list[int]], group: int, tokenizer) -> torch.Tensor:

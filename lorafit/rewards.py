@@ -37,18 +37,41 @@ NORMALIZERS = {
 }
 
 
-def exact_match(prompts, completions, column: str = "answer", normalize: str = "words", first_word: bool = False,
+MATCHES = ("whole", "first_word", "contains")
+
+
+def exact_match(prompts, completions, column: str = "answer", normalize: str = "words", match: str = "whole",
                 **columns) -> list[float]:
-    """1.0 where the completion equals the row's `column` after `normalize` (none | strip | lower | words), else 0.
-    first_word: compare the completion's first word only (a one-word answer followed by chatter still counts)."""
+    """1.0 where the completion matches the row's `column` after `normalize` (none | strip | lower | words), else 0.
+    match: whole (the completion is the answer), first_word (its first word is: a one-word answer followed by
+    chatter counts), contains (the answer's words appear in it, in order, as whole words: partial credit for a
+    model that answers in a sentence)."""
     norm = _normalizer(normalize)
-    answers = _column(columns, column, "exact_match")
+    if match not in MATCHES:
+        raise UserError(f"lorafit.rewards.exact_match: match={match!r} must be one of {', '.join(MATCHES)}")
     out = []
-    for c, a in zip(completions, answers):
-        got = norm(c)
-        if first_word:
+    for c, a in zip(completions, _column(columns, column, "exact_match")):
+        got, want = norm(c), norm(str(a))
+        if match == "first_word":
             got = (got.split() or [""])[0]
-        out.append(float(got == norm(str(a))))
+        hit = f" {want} " in f" {got} " if match == "contains" else got == want
+        out.append(float(hit))
+    return out
+
+
+def choice_match(prompts, completions, column: str = "answer", choices=(), **columns) -> list[float]:
+    """1.0 where the completion names exactly one of `choices` (as whole words, case and punctuation ignored) and
+    it is the row's `column`, else 0: a multiple-choice answer checked wherever in the reply it is given, while a
+    reply that lists several choices (hedging) gets nothing."""
+    norm = NORMALIZERS["words"]
+    options = {norm(str(c)) for c in choices}
+    if not options:
+        raise UserError("lorafit.rewards.choice_match needs choices: [the possible answers]")
+    out = []
+    for c, a in zip(completions, _column(columns, column, "choice_match")):
+        words = f" {norm(c)} "
+        named = {o for o in options if f" {o} " in words}
+        out.append(float(named == {norm(str(a))}))
     return out
 
 
@@ -115,7 +138,7 @@ def _normalizer(name: str) -> Callable[[str], str]:
 def _column(columns: dict, name: str, fn: str) -> list:
     if name not in columns:
         raise UserError(f"lorafit.rewards.{fn}: the data has no column {name!r} (set column=...); its columns are: "
-                        f"{', '.join(columns) or 'none besides the prompt'}")
+                        f"{', '.join(c for c in columns if c != 'completion_ids') or 'none besides the prompt'}")
     return columns[name]
 
 

@@ -131,7 +131,21 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
     res, t0, tokens = TrainResult(steps=start), time.perf_counter(), torch.zeros((), dtype=torch.long)
     bar = tqdm(total=total, initial=start, desc="train", disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     say = bar.write if accelerator.is_local_main_process else (lambda _: None)  # tqdm.write prints even when disabled
-    with checkpoint.Preemption() as preemption:  # SIGTERM / SIGUSR1: a checkpoint, then exit
+
+    def evaluation(step: int) -> dict:
+        t_eval = time.perf_counter()
+        out = objective.evaluate(model, eval_loader, step)
+        for extra in extra_evals:
+            out.update(extra(model, step))
+        res.eval_s += time.perf_counter() - t_eval
+        log.write(step, {f"eval/{k}": v for k, v in out.items()})
+        say(f"step {step}: " + "  ".join(f"eval/{k}={v:.4f}" if isinstance(v, float) else f"eval/{k}={v}" for k, v in out.items()))
+        return out
+
+    # SIGTERM / SIGUSR1: a checkpoint, then exit. The bar closes on any exit, so an error prints on a line of its own.
+    with checkpoint.Preemption() as preemption, bar:
+        if t.eval_on_start and start == 0:
+            evaluation(0)
         for step in range(start + 1, total + 1):
             model.train()
             t_step = time.perf_counter()
@@ -192,14 +206,7 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
                 bar.set_postfix(shown)
                 window = []
             if (t.eval_every and step % t.eval_every == 0) or step == total:
-                t_eval = time.perf_counter()
-                res.eval = objective.evaluate(model, eval_loader, step)
-                for extra in extra_evals:
-                    res.eval.update(extra(model, step))
-                res.eval_s += time.perf_counter() - t_eval
-                log.write(step, {f"eval/{k}": v for k, v in res.eval.items()})
-                say(f"step {step}: " + "  ".join(f"eval/{k}={v:.4f}" if isinstance(v, float) else f"eval/{k}={v}"
-                                                       for k, v in res.eval.items()))
+                res.eval = evaluation(step)
                 if best.update(step, res.eval) and t.save_best:
                     checkpoint.save_best(accelerator, model, run_dir, step)
             saved = bool(t.save_every and step % t.save_every == 0)
@@ -222,7 +229,6 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
                           f"train.resume=auto (exit code {checkpoint.PREEMPTED_EXIT})", file=sys.stderr, flush=True)
                 accelerator.end_training()
                 raise SystemExit(checkpoint.PREEMPTED_EXIT)
-    bar.close()
     if t.save_best and best.step is not None and best.step != res.steps:
         checkpoint.load_best(accelerator, model, run_dir, best.step)  # the hooks see (and save) the best model
         res.eval = best.eval
