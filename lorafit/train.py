@@ -153,7 +153,9 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
                 batches = [next(stream) for _ in range(t.grad_accum)]
             elif (step - 1) % mu == 0 or rolled is None:  # RL: new prompts, their completions and rewards
                 first = (step - 1) // mu * t.grad_accum  # the run's index of the rollout's first micro-batch
-                rolled = [objective.rollout(model, next(stream), first + j) for j in range(t.grad_accum)]
+                # each micro-batch's index among all processes' (what seeds its sampling: 2 processes sample as 1)
+                rolled = [objective.rollout(model, next(stream), (first + j) * nproc + accelerator.process_index)
+                          for j in range(t.grad_accum)]
                 res.rollout_s += (rollout_s := time.perf_counter() - t_step)
             batches = rolled if objective.rollout is not None else batches
             # the global count of the objective's units (target tokens, pairs, rows) that the step's loss averages over

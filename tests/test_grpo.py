@@ -251,7 +251,7 @@ def test_a_killed_grpo_run_resumes_bitwise_sampling_included(tmp_path, grpo_run)
     assert crashed.returncode == -signal.SIGKILL
     resumed = run_cli(*GRPO, "train.save_every=1", "train.resume=auto", f"hydra.run.dir={tmp_path}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "at step 2/4" in resumed.stdout
+    assert "at step 3/4" in resumed.stdout  # the kill came after step 3 was saved
     a, b = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (grpo_run, tmp_path))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert _same_but_times(tmp_path, grpo_run)  # every reward, clip ratio and eval, bitwise
@@ -267,12 +267,12 @@ def _same_but_times(a: Path, b: Path) -> bool:
 
 @pytest.mark.slow
 def test_a_run_killed_inside_a_rollouts_updates_resumes_bitwise(tmp_path):
-    """objective.iterations=2: steps 1-2 train on one rollout, 3-4 on the next. A kill after step 3 resumes at step 3
-    on the saved rollout, with the clipped off-policy ratio of step 4."""
+    """objective.iterations=2: steps 1-2 train on one rollout, 3-4 on the next. Killed after step 3's checkpoint, the
+    run resumes there and trains step 4 on the saved rollout, with its off-policy ratio."""
     args = [*GRPO, "objective.iterations=2", "train.save_every=1", "train.eval_every=0"]
     whole = run_cli(*args, f"hydra.run.dir={tmp_path / 'whole'}")
     assert whole.returncode == 0, whole.stderr[-2000:]
-    crashed = run_cli(*args, f"hydra.run.dir={tmp_path / 'cut'}", env={"LORAFIT_FAULT": "step:4"})
+    crashed = run_cli(*args, f"hydra.run.dir={tmp_path / 'cut'}", env={"LORAFIT_FAULT": "step:3"})
     assert crashed.returncode == -signal.SIGKILL and (tmp_path / "cut/checkpoints/step_3/rollout_0.safetensors").is_file()
     resumed = run_cli(*args, "train.resume=auto", f"hydra.run.dir={tmp_path / 'cut'}")
     assert resumed.returncode == 0 and "at step 3/4" in resumed.stdout, resumed.stderr[-2000:]
