@@ -143,6 +143,7 @@ class ObjectiveConfig:
     epsilon_high: Optional[float] = None  # null: epsilon (DAPO's clip-higher uses 0.28)
     scale_rewards: RewardScale = RewardScale.group  # group: advantages over the group's std; none: not scaled (Dr. GRPO)
     mask_truncated: bool = False  # completions cut at max_new_tokens carry no loss (DAPO's overlong filtering)
+    kl_correction: bool = True  # the KL term times ρ (DeepSeek-V3.2; TRL's use_bias_correction_kl): unbiased gradient
     iterations: int = 1  # μ: optimizer steps per rollout (> 1: clipped off-policy updates on the same completions)
 
 

@@ -49,7 +49,8 @@ def advantages(rewards: torch.Tensor, group: int, scale: str) -> tuple[torch.Ten
 
 def token_losses(logp, old, ref, adv, mask, o) -> tuple[torch.Tensor, dict]:
     """PPO's clipped surrogate per token with the ratio ρ = exp(logp - old), plus β times the k3 estimate of
-    KL(policy ‖ reference), exp(ref - logp) - (ref - logp) - 1 (Schulman's; GRPO paper eq. 4). Returns the
+    KL(policy ‖ reference), exp(ref - logp) - (ref - logp) - 1 (Schulman's; GRPO paper eq. 4), times ρ with
+    objective.kl_correction (TRL's default, use_bias_correction_kl). Returns the
     per-token loss and the per-token clip and KL indicators for the metrics (TRL's clip_ratio/region_mean)."""
     ratio = torch.exp(logp - old)
     a = adv[:, None]
@@ -58,6 +59,8 @@ def token_losses(logp, old, ref, adv, mask, o) -> tuple[torch.Tensor, dict]:
     kl = None
     if o.beta:
         kl = torch.exp(ref - logp) - (ref - logp) - 1
+        if o.kl_correction:  # DeepSeek-V3.2's: times ρ, an unbiased reverse-KL gradient (its value is k3 where ρ = 1)
+            kl = kl * ratio
         loss = loss + o.beta * kl
     return loss, {"clipped": clipped, "kl": kl}
 

@@ -46,7 +46,7 @@ GRPO = ["model=tiny-llama", "data=prompts", "objective=grpo", f"data.train_file=
 
 def _o(**keys):
     return SimpleNamespace(**{"epsilon": 0.2, "epsilon_high": None, "beta": 0.0, "loss_type": "dapo", "max_new_tokens": 4,
-                              **keys})
+                              "kl_correction": False, **keys})
 
 
 def test_advantages_are_normalized_within_each_group():
@@ -80,6 +80,10 @@ def test_the_clipped_surrogate_and_kl_per_token_are_the_hand_computed_ones():
     k3 = torch.exp(d) - d - 1  # e.g. row 0 token 1: exp(log 2) - log 2 - 1 = 0.3069
     assert torch.allclose(flags["kl"], k3) and abs(float(k3[0, 1]) - (2 - 0.693147 - 1)) < 1e-5
     assert torch.allclose(with_kl - grpo.token_losses(LOGP, OLD, REF, ADV, MASK, _o())[0], 0.5 * k3, atol=1e-6)
+    # kl_correction (TRL's default): the k3 term times the ratio, whose gradient is the unbiased reverse-KL one
+    corrected, flags = grpo.token_losses(LOGP, OLD, REF, ADV, MASK, _o(beta=0.5, kl_correction=True))
+    ratio = torch.exp(LOGP - OLD)
+    assert torch.allclose(flags["kl"], k3 * ratio) and torch.allclose(corrected - with_kl, 0.5 * k3 * (ratio - 1), atol=1e-6)
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
