@@ -263,7 +263,7 @@ def test_an_untrained_policy_is_its_reference_so_every_margin_is_zero():
     model = adapters.attach_lora(models.build_model(cfg), cfg)  # LoRA's B starts at 0
     assert torch.equal(objectives.sequence_logps(model, batch)[0], objectives.reference_logps(model, batch, acc))
     batches = data.loader(eval_ds, 8, list(range(len(eval_ds))), tok.pad_token_id, acc, False)
-    ev = objectives.build(cfg, acc).evaluate(model, batches)
+    ev = objectives.build(cfg, acc).evaluate(model, batches, 0)
     assert ev["n"] == 23 and ev["reward_margin"] == 0.0 and ev["reward_accuracy"] == 0.0 and ev["kl"] == 0.0
     assert abs(ev["loss"] - math.log(2)) < 1e-6  # -log sigmoid(0), in float32
     assert ev["chosen_logp"] < 0 and ev["rejected_logp"] < 0
