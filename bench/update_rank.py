@@ -61,12 +61,11 @@ def summary_eval(run_dir: Path, keys) -> dict:
 def topic_rows(out: Path) -> tuple[Path, Path, int]:
     """The grpo_topic recipe's prompts, filled as it fills them, with the real topic as the reply: SFT's train and
     eval files (the same articles as the recipe's splits), and the recipe's max_new_tokens."""
-    from hydra import compose, initialize_config_dir
+    from preference import compose
 
     from lorafit.data import load_splits, prompt_turns
 
-    with initialize_config_dir(str(REPO / "conf"), version_base=None):
-        cfg = compose("config", overrides=["recipe=grpo_topic"])
+    cfg = compose("recipe=grpo_topic")
     splits = load_splits(cfg)
     out.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -96,6 +96,9 @@ class DataConfig:
     # data=prompts | bbc_news with objective=grpo: a row's prompt from its columns, a str.format template
     # ("Topic of: {text:.600}" cuts the text at 600 characters); null: the row's prompt or messages column
     prompt_template: Optional[str] = None
+    # prompt rows (objective=grpo): false gives the model the prompt as plain text, no chat template: for a base
+    # model, or a few-shot prompt that the model is to continue ("...\nTopic:")
+    chat_template: bool = True
 
 
 @dataclass
@@ -253,7 +256,10 @@ def _objective_problems(cfg) -> list[str]:
                           "reply rows as data=sft")
     elif o.name == "grpo":
         errors += _grpo_problems(cfg)
-    else:
+    if o.name != "grpo" and not d.chat_template:
+        errors.append(f"data.chat_template=false applies to prompt rows (objective=grpo); objective={o.name} renders "
+                      "its rows through the model's chat template where it has one: leave data.chat_template=true")
+    if o.name not in ("sft", "grpo"):
         if cfg.model.task != "causal_lm":
             errors.append(f"objective={o.name} tunes a causal LM on replies; model.task is {cfg.model.task}: use "
                           "objective=sft for a classifier")

@@ -302,7 +302,8 @@ def tokenize(splits: Splits, tokenizer, cfg) -> tuple:
         ds = getattr(splits, name)
         if cfg.objective.name == "grpo":
             _check_prompts(ds.column_names, cfg.data.prompt_template, f"the {name} split")
-            encode = lambda batch: _encode_prompts(batch, tokenizer, max_len, cfg.data.prompt_template)
+            encode = lambda batch: _encode_prompts(batch, tokenizer, max_len, cfg.data.prompt_template,
+                                                    raw=not cfg.data.chat_template)
         elif cfg.data.source == "sft":
             formats = sft_format(ds.column_names, cfg.data.format, f"the {name} split")
             encode = lambda batch: _encode_sft(batch, tokenizer, max_len, formats)
@@ -450,11 +451,12 @@ def prompt_turns(row: dict, template: str | None) -> list[dict]:
     return turns
 
 
-def _encode_prompts(batch, tokenizer, max_len: int, template: str | None) -> dict:
-    """Prompt rows -> their templated token ids, cut from the left to max_len (the end is where the reply starts)."""
+def _encode_prompts(batch, tokenizer, max_len: int, template: str | None, raw: bool = False) -> dict:
+    """Prompt rows -> their templated token ids (raw: the last turn's text as it is), cut from the left to max_len
+    (the end is where the reply starts)."""
     out = {"input_ids": [], "attention_mask": [], "truncated": [], "n_loss": []}
     for vals in zip(*batch.values()):
-        ids = tokenizer(prompt_text(tokenizer, prompt_turns(dict(zip(batch, vals)), template)),
+        ids = tokenizer(prompt_text(tokenizer, prompt_turns(dict(zip(batch, vals)), template), raw),
                         add_special_tokens=False)["input_ids"]
         out["input_ids"].append(ids[-max_len:])
         out["attention_mask"].append([1] * len(ids[-max_len:]))

@@ -125,10 +125,13 @@ class RowSampler:
 
 
 def complete(model, prompts: list[list[int]], tokenizer, max_new_tokens: int, accelerator, sampler=None,
-             synced: bool = False) -> tuple[list[list[int]], list[bool]]:
-    """Completions of token-id prompts, batched with left padding and a KV cache: greedy, or sampled by `sampler`.
-    Returns each completion's ids up to and including its end-of-sequence token, and whether it was cut at
-    max_new_tokens without one. The seam for an external generator (vLLM) is this function."""
+             synced: bool = False, copies: int = 1) -> tuple[list[list[int]], list[bool]]:
+    """`copies` completions of each token-id prompt (copies of a prompt side by side), batched with left padding and
+    a KV cache: greedy, or sampled by `sampler`. Each prompt is read once: its cache is computed for one copy and
+    repeated for the others, so a group of G costs one prompt forward, not G (the prompt, hundreds of tokens, is
+    most of a short completion's cost). Returns each completion's ids up to and including its end-of-sequence
+    token, and whether it was cut at max_new_tokens without one. The seam for an external generator (vLLM) is
+    this function."""
     from transformers import GenerationConfig, LogitsProcessorList
 
     eos = _eos_ids(model, tokenizer)
@@ -142,8 +145,10 @@ def complete(model, prompts: list[list[int]], tokenizer, max_new_tokens: int, ac
     inner.eval()
     try:
         with torch.no_grad(), accelerator.autocast():
+            cache = _shared_prefix(inner, ids, mask, copies) if copies > 1 and width > 1 else None
+            ids, mask = ids.repeat_interleave(copies, 0), mask.repeat_interleave(copies, 0)
             out = inner.generate(input_ids=ids, attention_mask=mask, generation_config=config, synced_gpus=synced,
-                                 logits_processor=LogitsProcessorList([sampler] if sampler else []))
+                                 past_key_values=cache, logits_processor=LogitsProcessorList([sampler] if sampler else []))
     finally:
         inner.train(was_training)
     completions, truncated = [], []
@@ -152,6 +157,19 @@ def complete(model, prompts: list[list[int]], tokenizer, max_new_tokens: int, ac
         completions.append(row if end is None else row[: end + 1])
         truncated.append(end is None)
     return completions, truncated
+
+
+def _shared_prefix(model, ids, mask, copies: int):
+    """The KV cache of every prompt but its last token (generate's first step reads that one), computed once per
+    prompt and repeated `copies` times; None where the model's cache can't be repeated (generate then reads each
+    copy's prompt itself)."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate numbers left-padded rows
+    cache = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                  use_cache=True).past_key_values
+    if not hasattr(cache, "batch_repeat_interleave"):
+        return None
+    cache.batch_repeat_interleave(copies)
+    return cache
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -178,8 +196,8 @@ def build(cfg, accelerator, tokenizer, run_dir: Path) -> Objective:
         prompts = _prompt_ids(batch)
         ids = [p for p in prompts for _ in range(o.num_generations)]
         seeds = [_seed(seed, key, pid, g) for pid in batch["prompt_id"].tolist() for g in range(o.num_generations)]
-        completions, truncated = complete(model, ids, tokenizer, o.max_new_tokens, accelerator,
-                                          RowSampler(seeds, o.temperature, o.top_p), synced)
+        completions, truncated = complete(model, prompts, tokenizer, o.max_new_tokens, accelerator,
+                                          RowSampler(seeds, o.temperature, o.top_p), synced, copies=o.num_generations)
         t_gen = time.perf_counter() - t0
         per_fn = _score(rewards, batch, completions, o.num_generations, tokenizer)
         weights = torch.tensor([r.weight for r in rewards], dtype=torch.float32)

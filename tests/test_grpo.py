@@ -184,6 +184,24 @@ def test_a_row_samples_the_same_tokens_whatever_else_is_in_its_batch():
     assert both[1] == alone[0] != other[0]  # its own seed decides, padding and neighbours do not
 
 
+def test_a_group_reads_its_prompt_once_and_samples_what_g_separate_prompts_would():
+    _, model, tok = _tiny()
+    prompts = [tok("What is 1+2?", add_special_tokens=False)["input_ids"], tok("Hi", add_special_tokens=False)["input_ids"]]
+    seeds, g = [11, 12, 13, 21, 22, 23], 3
+    shapes = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    try:
+        shared, cut = grpo.complete(model, prompts, tok, 8, _OneProcess(), grpo.RowSampler(seeds, 1.0, 0.9), copies=g)
+    finally:
+        hook.remove()
+    repeated, cut_r = grpo.complete(model, [p for p in prompts for _ in range(g)], tok, 8, _OneProcess(),
+                                    grpo.RowSampler(seeds, 1.0, 0.9))
+    assert shared == repeated and cut == cut_r and len(set(map(tuple, shared))) > 1  # the same samples, not all alike
+    width = max(map(len, prompts))
+    assert shapes[0] == (2, width - 1)  # the prompts, once each, before the cache is repeated
+    assert all(s[0] == 2 * g and s[1] == 1 for s in shapes[1:])  # then one new token per copy and step
+
+
 def test_an_update_raises_the_likelihood_of_completions_with_positive_advantage():
     cfg, model, tok = _tiny()
     o = cfg.objective
@@ -327,6 +345,7 @@ BAD_GRPO = {
     "on_pairs": (["data=preference"], "objective=grpo reads prompt rows"),
     "temperature_zero": (["objective.temperature=0"], "objective.temperature=0.0 must be > 0"),
     "sft_on_prompts": (["objective=sft"], "data=prompts holds prompts without replies"),
+    "plain_text_sft": (["objective=sft", "data=sft", "data.chat_template=false"], "data.chat_template=false applies to prompt rows"),
     "bbc_without_template": (["data=bbc_news", "data.train_file=null", "data.eval_file=null"],
                              "objective=grpo on data=bbc_news makes each article's prompt from data.prompt_template"),
 }
@@ -355,3 +374,14 @@ def test_a_template_names_the_missing_column(tmp_path):
 
     out = _cli_inprocess([*GRPO, "data.prompt_template='Q: {question}'", f"hydra.run.dir={tmp_path / 'run'}"])
     assert out["code"] == 2 and "can't be filled from a row with columns prompt, answer" in out["stderr"], out
+
+
+def test_chat_template_false_gives_the_model_the_prompt_as_plain_text():
+    from lorafit import data, models
+
+    cfg = compose(*GRPO, "data.prompt_template='Q: {prompt} A:'", "data.chat_template=false")
+    tok = models.build_tokenizer(cfg.model)
+    train, _ = data.tokenize(data.load_splits(cfg), tok, cfg)
+    assert tok.decode(train[0]["input_ids"]) == (tok.bos_token or "") + "Q: What is 7+7? A:"
+    templated, _ = data.tokenize(data.load_splits(compose(*GRPO)), tok, compose(*GRPO))
+    assert "user" in tok.decode(templated[0]["input_ids"])  # the default: the chat template's turns
