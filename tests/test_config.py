@@ -27,7 +27,7 @@ def test_every_recipe_composes(recipe):
         assert cfg.model.name == "FacebookAI/roberta-base" and cfg.lora.alpha == 8 and list(cfg.lora.target_modules) == ["query", "value"]
 
 
-@pytest.mark.parametrize("recipe", ["bbc_news", "smollm2_bbc"])
+@pytest.mark.parametrize("recipe", ["bbc_news", "smollm2_bbc", "grpo_topic"])
 def test_offline_recipes_validate(recipe):
     validate(compose(f"recipe={recipe}"))  # resolves the packaged model and checks target modules on it
 

@@ -385,3 +385,16 @@ def test_chat_template_false_gives_the_model_the_prompt_as_plain_text():
     assert tok.decode(train[0]["input_ids"]) == (tok.bos_token or "") + "Q: What is 7+7? A:"
     templated, _ = data.tokenize(data.load_splits(compose(*GRPO)), tok, compose(*GRPO))
     assert "user" in tok.decode(templated[0]["input_ids"])  # the default: the chat template's turns
+
+
+@pytest.mark.slow
+def test_the_grpo_topic_recipe_runs_on_the_packaged_model_and_scores_its_prompts(tmp_path):
+    """The shipped recipe end to end, briefly (its 40-step result is in docs/grpo.md): the few-shot prompt as plain
+    text, and the base's greedy replies scored against the real topics."""
+    run_dir, summary = run_inprocess(tmp_path, "recipe=grpo_topic", "train.max_steps=2", "train.eval_every=0",
+                                     "data.eval_size=16", "hooks=[save_adapter]")
+    first = json.loads((run_dir / "generations.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 0 and first["prompt"].rstrip().endswith("Topic:") and "<|im_start|>user" not in first["prompt"]
+    base = [m for m in metrics_lines(run_dir) if "eval/reward/exact_match" in m][0]
+    assert base["step"] == 0 and 0.2 < base["eval/reward/exact_match"] <= 1  # the few-shot base beats 1 in 5
+    assert summary["eval"]["n"] == 16 and (run_dir / "adapter" / "adapter_model.safetensors").is_file()
