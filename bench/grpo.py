@@ -2,7 +2,7 @@
 
     .venv/bin/pip install --no-deps -r bench/requirements-preference.txt   # TRL, for this bench only
     .venv/bin/python bench/grpo.py --check [--model tiny-llama|smollm2-135m]
-    .venv/bin/python bench/grpo.py --speed [--steps 20] [--prompts 2] [--repeats 1]
+    .venv/bin/python bench/grpo.py --speed [--steps 20] [--prompts 4] [--repeats 1]
 
 --check (correctness). One model, one LoRA adapter with random A and B copied into both sides, and one fixed group:
 two BBC News prompts of the grpo_topic recipe (of equal token length: TRL left-pads prompts and runs its forward
@@ -18,7 +18,7 @@ and rewards within 1e-5 absolute, on the same prompt token ids.
 
 --speed. Completions/s of training, the share of the time spent generating, the reward curve and peak RSS of
 `python -m lorafit recipe=grpo_topic` and of a TRL GRPOTrainer + peft LoraConfig script, on SmolLM2-135M-Instruct
-with the same prompt file (the recipe's template filled in, as a user turn; TRL gets it conversational), rewards,
+with the same prompt file (the recipe's few-shot template filled in; both read it as plain text, as the recipe does), rewards,
 G, max new tokens, temperature, loss type (dapo), beta 0, LoRA (r=16, alpha=32, all-linear, peft's default init),
 lr, constant schedule, precision (what lorafit's `auto` picks here) and no gradient checkpointing. Both time their
 generation (lorafit: summary.json's rollout_wall_s; TRL: its _generate_single_turn, wrapped). Runs alternate A B,
@@ -96,6 +96,18 @@ def trl_rewards(rewards) -> list:
     return [wrap(r) for r in rewards]
 
 
+def trl_prompt(cfg, tokenizer, text: str):
+    """A prompt as TRL gets it: conversational where lorafit applies the chat template, else the plain text as
+    lorafit renders it (TRL tokenizes that with the tokenizer's special tokens, lorafit writes its BOS itself)."""
+    from lorafit import data
+
+    if cfg.data.chat_template:
+        return [{"role": "user", "content": text}]
+    plain = data.prompt_text(tokenizer, [{"role": "user", "content": text}], raw=True)
+    adds_bos = tokenizer.bos_token and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]
+    return plain[len(tokenizer.bos_token):] if adds_bos and plain.startswith(tokenizer.bos_token) else plain
+
+
 def grpo_args(o, out_dir: str, per_device: int, **extra):
     """GRPOConfig with lorafit's objective keys."""
     from trl import GRPOConfig
@@ -161,13 +173,13 @@ def check(model: str = "tiny-llama", generations: int = 4, seed: int = 0, quiet:
         # TRL, on the same completions
         trainer = GRPOTrainer(models.build_model(c), reward_funcs=trl_rewards(reward_fns.build(o.rewards)),
                               args=grpo_args(o, str(work / "trl"), len(completions), bf16=False),
-                              train_dataset=datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": "x"}]}] * 8),
+                              train_dataset=datasets.Dataset.from_list([{"prompt": trl_prompt(c, tokenizer, "x")}] * 8),
                               processing_class=tokenizer, peft_config=adapters.peft_config(c))
         load_adapter(trainer.model, state)
         trainer._generate_single_turn = lambda *a, **k: (completions, None)
         trainer.current_gradient_accumulation_steps = 1
         trainer.model.train()
-        inputs = [{"prompt": [{"role": "user", "content": texts[i]["prompt"]}], "label": texts[i]["label"]}
+        inputs = [{"prompt": trl_prompt(c, tokenizer, texts[i]["prompt"]), "label": texts[i]["label"]}
                   for i in pick for _ in range(generations)]
         with torch.no_grad():
             out = trainer._generate_and_score_completions(inputs)
@@ -249,13 +261,13 @@ def trl_train(s: dict) -> dict:
     cfg = compose(*overrides(s["model"], s["files"]))
     o = cfg.objective
     rows = [json.loads(l) for l in Path(s["files"]["train"]).read_text().splitlines()]
-    ds = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "label": r["label"]}
-                                     for r in rows])
+    tokenizer = models.build_tokenizer(cfg.model)
+    ds = datasets.Dataset.from_list([{"prompt": trl_prompt(cfg, tokenizer, r["prompt"]), "label": r["label"]} for r in rows])
     args = grpo_args(o, s["out_dir"], s["prompts"] * o.num_generations, learning_rate=s["lr"], max_steps=s["steps"],
                      lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, seed=s["seed"],
                      bf16=s["precision"] == "bf16", disable_tqdm=True)
     trainer = GRPOTrainer(models.build_model(cfg, quantize=False), reward_funcs=trl_rewards(reward_fns.build(o.rewards)),
-                          args=args, train_dataset=ds, processing_class=models.build_tokenizer(cfg.model),
+                          args=args, train_dataset=ds, processing_class=tokenizer,
                           peft_config=adapters.peft_config(cfg))
     generate_s = [0.0]
     inner = trainer._generate_single_turn
@@ -351,7 +363,7 @@ def main(argv=None):
     p.add_argument("--speed", action="store_true", help="completions/s, generate share and reward against TRL")
     p.add_argument("--model", default=None, help="--check: tiny-llama (default) or smollm2-135m; --speed: smollm2-135m")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--prompts", type=int, default=2, help="--speed: prompts per step (each with G completions)")
+    p.add_argument("--prompts", type=int, default=4, help="--speed: prompts per step (each with G completions)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--quiet-wait", type=float, default=600, help="--speed: seconds to wait at most, before each run, "
