@@ -330,13 +330,13 @@ def run_side(side: str, s: dict, work: Path, i: int, quiet_wait: float) -> dict:
     return res
 
 
-def speed(steps: int, prompts: int, repeats: int, lr: float, model: str, quiet_wait: float = 600) -> dict:
+def speed(steps: int, prompts: int, repeats: int, lr: float, model: str, quiet_wait: float = 600, seed: int = 42) -> dict:
     from lorafit.hardware import resolve_precision
 
     work = Path(tempfile.mkdtemp(prefix="lorafit-grpospeed-"))
     files = prompt_files(work / "data", steps * prompts, 8)  # one epoch: both sides see the same prompts
     generations = compose("recipe=grpo_topic").objective.num_generations
-    s = {"model": model, "steps": steps, "prompts": prompts, "generations": generations, "lr": lr, "seed": 42,
+    s = {"model": model, "steps": steps, "prompts": prompts, "generations": generations, "lr": lr, "seed": seed,
          "precision": resolve_precision("auto"), "files": {k: str(v) for k, v in files.items()}}
     print(f"work dir {work}; {steps} steps x {prompts} prompts x {generations} completions, lr {lr}", flush=True)
     runs = {"lorafit": [], "trl": []}
@@ -366,6 +366,7 @@ def main(argv=None):
     p.add_argument("--prompts", type=int, default=4, help="--speed: prompts per step (each with G completions)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=42, help="--speed: both sides' train seed")
     p.add_argument("--quiet-wait", type=float, default=600, help="--speed: seconds to wait at most, before each run, "
                    "for other processes to leave the CPUs (under 15%% busy)")
     p.add_argument("--trl-child", nargs=2, metavar=("SETTINGS", "OUT"), help=argparse.SUPPRESS)
@@ -382,7 +383,8 @@ def main(argv=None):
         if not out["check"]["ok"]:
             raise SystemExit("lorafit and TRL disagree (see the table)")
     if args.speed:
-        out["speed"] = speed(args.steps, args.prompts, args.repeats, args.lr, args.model or "smollm2-135m", args.quiet_wait)
+        out["speed"] = speed(args.steps, args.prompts, args.repeats, args.lr, args.model or "smollm2-135m", args.quiet_wait,
+                             args.seed)
     return out
 
 

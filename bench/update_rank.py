@@ -95,9 +95,9 @@ def grpo(args) -> dict:
     train, ev, new_tokens = topic_rows(args.out / "data")
     results = {}
     for r in args.r:
-        g = run("grpo", r, args, ["recipe=grpo_topic", "train.eval_on_start=false", *([f"train.lr={args.lr}"] if args.lr else [])])
         s = run("sft", r, args, ["recipe=sft_jsonl", f"data.train_file={train}", f"data.eval_file={ev}", "eval.forgetting_file=null",
                                  "train.batch_size=4", "train.grad_accum=1", f"train.lr={args.sft_lr}", "train.eval_every=0"])
+        g = run("grpo", r, args, ["recipe=grpo_topic", "train.eval_on_start=false", "train.eval_every=0", *([f"train.lr={args.lr}"] if args.lr else [])])
         results[f"grpo r={r}"] = {**spectrum(g), "eval": summary_eval(g, ("reward/exact_match", "reward"))}
         results[f"sft r={r}"] = {**spectrum(s), "eval": {"exact_match": first_word_match(s, ev, new_tokens),
                                                          **summary_eval(s, ("perplexity",))}}
