@@ -104,10 +104,12 @@ class DataConfig:
 @dataclass
 class LoraConfig:
     method: Method = Method.lora  # full (every parameter trains: the baseline a rank sweep is read against)
-    r: Any = 8  # a positive integer, or auto: a short probe at r_max picks each module's rank (see run._auto_rank)
-    r_max: int = 32  # r=auto: the probe's rank
-    auto_energy: float = 0.9  # r=auto: each module gets the smallest rank holding this share of its ΔW's energy
-    auto_probe: float = 0.25  # r=auto: the probe's share of the run's steps
+    r: Any = 8  # a positive integer, or auto: train at r_max, shrink each module inside the run (lorafit/autorank.py)
+    r_max: int = 32  # r=auto: the rank trained at until the shrink; the scale alpha / r_max is kept after it
+    auto_energy: float = 0.9  # r=auto: each module keeps the smallest rank holding this share of its ΔW's energy
+    auto_shrink_at: float = 0.25  # r=auto: the shrink's place, as a share of the run's steps
+    auto_moments: str = "project"  # r=auto: Adam's moments at the shrink: project (onto the kept ranks) | reset
+    auto_warmup: int = 10  # r=auto with auto_moments=reset: steps of learning-rate warm-up after the shrink
     alpha: float = 16.0
     dropout: float = 0.0  # 0 by default: dropout costs ~45% of a CPU step on MiniLM and did not help accuracy here
     target_modules: Any = field(default_factory=lambda: ["query", "value"])  # list of names, a regex, or "all-linear"
@@ -355,11 +357,18 @@ def validate(cfg) -> None:
     if not r_ok:
         errors.append(f"lora.r={lo.r} must be a positive integer or auto")
     if lo.r == "auto":
-        if lo.r_max <= 0 or not 0 < lo.auto_energy <= 1 or not 0 < lo.auto_probe < 1:
+        if lo.r_max <= 0 or not 0 < lo.auto_energy <= 1 or not 0 < lo.auto_shrink_at < 1 or lo.auto_warmup < 0:
             errors.append(f"lora.r=auto needs lora.r_max > 0 (is {lo.r_max}), lora.auto_energy in (0, 1] (is "
-                          f"{lo.auto_energy}) and lora.auto_probe in (0, 1) (is {lo.auto_probe})")
+                          f"{lo.auto_energy}), lora.auto_shrink_at in (0, 1) (is {lo.auto_shrink_at}) and "
+                          f"lora.auto_warmup >= 0 (is {lo.auto_warmup})")
+        if lo.auto_moments not in ("project", "reset"):
+            errors.append(f"lora.auto_moments={lo.auto_moments!r} must be project or reset")
         if lo.rank_pattern or lo.alpha_pattern or lo.method != "lora":
             errors.append("lora.r=auto chooses lora.rank_pattern / alpha_pattern itself (LoRA only): leave them empty")
+        if lo.use_dora or lo.init in ("pissa", "olora") or cfg.train.optimizer != "adamw":
+            errors.append(f"lora.r=auto truncates plain LoRA factors and maps AdamW's moments: it needs lora.use_dora="
+                          f"false (is {lo.use_dora}), lora.init gaussian or default (is {lo.init}) and train.optimizer="
+                          f"adamw (is {cfg.train.optimizer})")
     if lo.alpha <= 0:
         errors.append(f"lora.alpha={lo.alpha} must be > 0")
     if not 0 <= lo.dropout < 1:

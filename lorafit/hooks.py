@@ -83,6 +83,8 @@ def spectrum(ctx: RunContext) -> None:
         weights = base.from_model(ctx.model, config.get("fan_in_fan_out", False))
     doc = report.analyze(config, state, energy=hook.energy, base=weights,
                          intruders=(INTRUDER_K, INTRUDER_EPS) if hook.intruders else None)
+    if ctx.summary.get("auto_rank"):  # lora.r=auto: the report says where the ranks of the adapter came from
+        doc["auto_rank"] = {k: v for k, v in ctx.summary["auto_rank"].items() if k not in ("modules", "ranks")}
     files = report.write(doc, ctx.run_dir / "analysis", plots=hook.plots)
     ctx.summary["spectrum"] = {"dir": str(ctx.run_dir / "analysis"), "modules": len(doc["modules"]),
                                "mean_effective_rank": mean(m["effective_rank"] for m in doc["modules"]),

@@ -10,7 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 from lorafit.cli import quiet_libraries
 from lorafit.config import validate
@@ -60,7 +60,7 @@ def _redact_hydra_record(run_dir: Path, secrets: set) -> None:
 
 # What lorafit writes into a run dir (beside the hook outputs, named by the config), and what of it says a run is
 # there. Hydra's .hydra/ and its log are Hydra's: neither counts, and train.overwrite leaves them alone.
-RUN_MARKERS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "auto_rank.json")
+RUN_MARKERS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints")
 RUN_FILES = (*RUN_MARKERS, "generations.jsonl", "probe", "wandb_run_id", "wandb", "analysis", "initial_adapter", "model")
 
 
@@ -217,7 +217,7 @@ def run(cfg, run_dir: Path | None = None) -> float:
     """Train one adapter as `cfg` says; return the primary eval metric (what a sweeper optimizes)."""
     from accelerate.utils import set_seed
 
-    from lorafit import adapters, checkpoint, data, hooks, metrics, models, speed
+    from lorafit import adapters, autorank, checkpoint, data, hooks, metrics, models, speed
     from lorafit.train import MetricsLog, forgetting_eval, train
 
     t_start = time.perf_counter()
@@ -233,9 +233,6 @@ def run(cfg, run_dir: Path | None = None) -> float:
     processes = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     _claim_run_dir(cfg, run_dir, processes.is_main_process)  # every process decides alike, before anything is written
     processes.wait_for_everyone()
-    auto_rank = None
-    if cfg.lora.r == "auto":
-        cfg, auto_rank = _auto_rank(cfg, run_dir)
     accelerator = _accelerator(cfg, run_dir)
     secrets = set()
     resolved = redact(OmegaConf.to_container(cfg, resolve=True), secrets)
@@ -290,10 +287,15 @@ def run(cfg, run_dir: Path | None = None) -> float:
         "stopped_early": result.stopped_early,
         "skipped_steps": result.skipped_steps, "overflow_steps": result.overflow_steps,
         "processes": accelerator.num_processes,
-        "distributed": accelerator.distributed_type.value, "auto_rank": auto_rank, "peak_memory": _peak_memory(accelerator),
+        "distributed": accelerator.distributed_type.value, "auto_rank": result.auto_rank, "peak_memory": _peak_memory(accelerator),
         "precision": PRECISION_NAMES[accelerator.mixed_precision], **_utilization(result, accelerator),
     }
     trained = _model_for_hooks(model, cfg, splits.labels, accelerator)
+    if accelerator.is_main_process and result.auto_rank:  # lora.r=auto: the hooks see the small adapter that ships
+        autorank.cut(trained, result.auto_rank["ranks"], cfg.lora.use_rslora)
+        summary["trainable_params_while_training"] = params["trainable"]
+        params = adapters.parameter_report(trained)
+        summary.update(trainable_params=params["trainable"], trainable_percent=params["percent"])
     if accelerator.is_main_process:
         adapters.drop_reference(trained)  # lora.init_from's frozen reference: the hooks see the trained adapter alone
         probe = data.collate([eval_ds[i] for i in range(min(8, len(eval_ds)))], tokenizer.pad_token_id)
@@ -331,47 +333,6 @@ def _model_for_hooks(model, cfg, labels, accelerator):
         raise RuntimeError(f"the gathered state lacks trained weights: {sorted(missing)[:3]}")
     copy.load_state_dict(state, strict=False)
     return copy.eval()
-
-
-def _auto_rank(cfg, run_dir: Path):
-    """lora.r=auto: a probe run at lora.r_max on lora.auto_probe of the steps (run_dir/probe, with its own analysis),
-    then each module at the rank advisor's rank for lora.auto_energy of its ΔW's energy. Every module keeps the
-    probe's scale lora.alpha / lora.r_max. The choice is kept in run_dir/auto_rank.json: a resumed run reuses it.
-    Returns (the config with those ranks, the record)."""
-    import math
-
-    lo, t, path = cfg.lora, cfg.train, run_dir / "auto_rank.json"
-    scale = lo.alpha / lo.r_max
-    if not path.is_file():
-        steps = {"max_steps": max(1, math.ceil(t.max_steps * lo.auto_probe))} if t.max_steps > 0 else \
-            {"epochs": t.epochs * lo.auto_probe}
-        probe = OmegaConf.merge(cfg, {
-            "lora": {"r": lo.r_max}, "train": {**steps, "eval_every": 0, "save_every": 0, "save_best": False,
-                                               "early_stopping_patience": 0, "resume": None,
-                                               "overwrite": True},  # a killed probe's leftovers: it starts over
-            "eval": {"generate": 0, "forgetting_file": None}, "logging": {"backend": "none"},
-            "hooks": {"save_adapter": {"dir": "adapter"}, "spectrum": {"energy": lo.auto_energy}, "merge": None}})
-        print(f"lora.r=auto: probe run at r={lo.r_max} ({steps}) in {run_dir / 'probe'}", flush=True)
-        t0 = time.perf_counter()
-        run(probe, run_dir / "probe")
-        advice = json.loads((run_dir / "probe" / "analysis" / "spectrum.json").read_text())["advice"]
-        probe_summary = json.loads((run_dir / "probe" / "summary.json").read_text())
-        record = {"r_max": lo.r_max, "energy": lo.auto_energy, "probe_steps": probe_summary["steps"],
-                  "probe_wall_s": time.perf_counter() - t0, "probe_eval": probe_summary["eval"],
-                  "global_r": advice["global_r"], "rank_pattern": advice["rank_pattern"],
-                  "params_probe": advice["params_now"], "params_chosen": advice["params_rank_pattern"],
-                  "report": str(run_dir / "probe" / "analysis" / "report.md")}
-        path.write_text(json.dumps(record, indent=1))
-    record = json.loads(path.read_text())
-    g, pattern = record["global_r"], record["rank_pattern"]
-    print(f"lora.r=auto: r={g}" + (f" with {len(pattern)} modules at other ranks" if pattern else "") +
-          f" ({record['params_chosen']:,} LoRA parameters for {record['energy']:.0%} of each ΔW's energy in the probe;"
-          f" {record['params_probe']:,} at r={record['r_max']})", flush=True)
-    chosen = OmegaConf.merge(cfg, {"lora": {"r": g, "alpha": scale * g}})
-    with open_dict(chosen):  # module names are new keys of the typed dicts
-        chosen.lora.rank_pattern = pattern
-        chosen.lora.alpha_pattern = {k: scale * v for k, v in pattern.items()}
-    return chosen, record
 
 
 PRECISION_NAMES = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}  # accelerate's mixed_precision -> what ran

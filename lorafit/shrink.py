@@ -29,7 +29,8 @@ def shrink(adapter: Path, out: Path, energy: float | None = None, rank: int | No
     """Write the truncated adapter to `out`; return the report (also out/shrink_report.json)."""
     from safetensors.torch import save_file
 
-    from lorafit.analysis.spectrum import ADAPTER_CONFIG, ADAPTER_WEIGHTS, energy_rank, lora_factors, lowrank_svd, read_adapter
+    from lorafit.analysis.spectrum import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, energy_rank, lora_factors, lowrank_svd,
+                                           read_adapter, truncated_factors)
 
     config, state = read_adapter(adapter)
     factors, skipped = lora_factors(config, state)
@@ -42,8 +43,7 @@ def shrink(adapter: Path, out: Path, energy: float | None = None, rank: int | No
         S, U, V = lowrank_svd(f.B, f.A, f.scale, vectors=True)
         k = max(1, energy_rank(S, energy) if energy is not None else min(rank, len(S)))
         ranks[f.name] = k
-        sq = S[:k].sqrt()
-        B, A = U[:, :k] * sq, sq[:, None] * V[:, :k].T
+        B, A = truncated_factors(S, U, V, k)
         prefix, kind = f"base_model.model.{f.name}", "lora_embedding_" if f.kind == "embedding" else "lora_"
         tensors[f"{prefix}.{kind}A.weight"] = A.to(state_dtype(state, f.name)).contiguous()
         tensors[f"{prefix}.{kind}B.weight"] = B.to(state_dtype(state, f.name)).contiguous()

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lorafit import checkpoint, grpo, metrics, objectives
+from lorafit import autorank, checkpoint, grpo, metrics, objectives
 from lorafit.data import loader
 from lorafit.errors import UserError
 from lorafit.flops import FlopCounter
@@ -45,6 +45,7 @@ class TrainResult:
     best_step: int | None = None  # the step of the best evaluation by the primary metric
     stopped_early: bool = False
     flops: int = 0  # model FLOPs of this run's training steps, all processes (flops.py)
+    auto_rank: dict | None = None  # lora.r=auto: the in-run shrink's step and ranks (autorank.shrink)
 
 
 def build_optimizer(model, cfg):
@@ -97,9 +98,11 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
 
     start, metric, fingerprint = 0, metrics.primary_metric(cfg), checkpoint.fingerprint(cfg)
     best, window, rolled = checkpoint.Best(metric, metrics.higher_is_better(metric)), [], None
+    shrink_at, shrunk = autorank.shrink_step(cfg, total, accelerator), None  # lora.r=auto: the step of the in-run shrink
     if (ckpt := checkpoint.find(t.resume, run_dir)) is not None:
         state = checkpoint.load(accelerator, ckpt, scheduler, fingerprint)
         start, best = state["step"], checkpoint.Best(**state.get("best", best.__dict__))
+        shrunk = state.get("auto_rank")  # resumed past the shrink: its choice, for the final cut
         # the per-step losses since the last log: the next logged loss averages them too, as if never stopped
         window = [{k: torch.tensor(v, device=accelerator.device) for k, v in w.items()} for w in state["loss_window"]]
         if start % mu:  # stopped inside a rollout's mu updates: the rest of them train on that rollout
@@ -110,7 +113,7 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
     def save_checkpoint(step: int) -> None:
         checkpoint.save(accelerator, run_dir, step, t.keep_checkpoints, extra={
             "fingerprint": fingerprint, "scheduler": scheduler.state_dict(), "best": best.__dict__,
-            "loss_window": [{k: v.item() for k, v in w.items()} for w in window]},
+            "loss_window": [{k: v.item() for k, v in w.items()} for w in window], "auto_rank": shrunk},
             rollout=grpo.to_safetensors(rolled) if step % mu else None)
 
     lengths = [len(ids) for ids in train_ds["input_ids"]] if cfg.data.group_by_length else None
@@ -128,7 +131,7 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
     # Clip over the model's whole parameter list (frozen ones have no grad): it is what accelerate recognizes to clip
     # FSDP1 by the global norm; a list of the trainable ones alone gets each shard clipped by its own norm.
     stream, params = micro_batches(-(-start // mu) * t.grad_accum), list(model.parameters())  # ceil: rollouts begun
-    res, t0, tokens = TrainResult(steps=start), time.perf_counter(), torch.zeros((), dtype=torch.long)
+    res, t0, tokens = TrainResult(steps=start, auto_rank=shrunk), time.perf_counter(), torch.zeros((), dtype=torch.long)
     bar = tqdm(total=total, initial=start, desc="train", disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     say = bar.write if accelerator.is_local_main_process else (lambda _: None)  # tqdm.write prints even when disabled
 
@@ -192,6 +195,18 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
             else:
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            lo = cfg.lora
+            if shrink_at and step >= shrink_at and shrunk is None:  # lora.r=auto: every adapter to its exact truncation
+                shrunk = res.auto_rank = {"step": step, "r_max": lo.r_max, "energy": lo.auto_energy, "moments": lo.auto_moments,
+                                          **autorank.shrink(model, optimizer, accelerator, lo.auto_energy, lo.auto_moments)}
+                # the r_max adapter is not what ships: evaluations from here on compete for best (and early stopping)
+                best = checkpoint.Best(metric, metrics.higher_is_better(metric))
+                say(f"step {step}: lora.r=auto shrank {len(shrunk['ranks'])} modules to ranks {min(shrunk['ranks'].values())}-"
+                    f"{max(shrunk['ranks'].values())}: {shrunk['params_before']:,} -> {shrunk['params_after']:,} LoRA "
+                    f"parameters, {shrunk['energy_kept']:.2%} of ΔW's energy kept")
+            if shrunk and lo.auto_moments == "reset":  # restarted moments: the next steps' lr ramps up again
+                for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+                    group["lr"] = lr * autorank.warmup_factor(step + 1, shrunk["step"], lo.auto_warmup)
             window.append(_step_means(accelerator, step_loss, n_global, step_stats))
             if objective.rollout is not None:  # the share of the step spent generating and scoring
                 window[-1]["generate_s"] = torch.tensor(rollout_s if (step - 1) % mu == 0 else 0.0)

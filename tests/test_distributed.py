@@ -254,3 +254,30 @@ def test_fsdp_layer_classes_leave_out_those_that_hold_the_embeddings():
     assert fsdp_unit_classes(bert, ["BertLayer"]) == ["BertLayer"]
     with pytest.raises(UserError, match="fsdp_transformer_layer_cls_to_wrap lists BertEmbeddings"):
         fsdp_unit_classes(bert, ["BertLayer", "BertEmbeddings"])
+
+
+AUTO = [*FSDP_CLS, "lora.r=auto", "lora.r_max=8", "lora.alpha=16", "lora.auto_energy=0.8", "lora.auto_shrink_at=0.5",
+        "hooks=[save_adapter]"]
+
+
+@pytest.fixture(scope="module")
+def auto_one_process(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("auto_one")
+    one = run_cli(*AUTO, "train.batch_size=16", f"hydra.run.dir={run_dir}")
+    assert one.returncode == 0, one.stderr[-2000:]
+    return run_dir
+
+
+@pytest.mark.parametrize("config", ["cpu_ddp.yaml", "cpu_fsdp.yaml", "cpu_zero2.yaml", "cpu_zero3.yaml"])
+def test_auto_rank_shrinks_every_process_alike_and_trains_what_one_process_trains(tmp_path, auto_one_process, config):
+    """lora.r=auto's in-run shrink on 2 processes (DDP; FSDP2 and DeepSpeed, where each process holds a shard of the
+    factors or of their Adam moments): the same ranks, and the adapter 1 process trains at the same global batch."""
+    two = launch_two(*AUTO, "train.batch_size=8", f"hydra.run.dir={tmp_path}", config=config)
+    assert two.returncode == 0, two.stderr[-3000:]
+    s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (auto_one_process, tmp_path))
+    assert s2["processes"] == 2 and s2["auto_rank"]["step"] == s1["auto_rank"]["step"] == 3
+    assert s2["auto_rank"]["ranks"] == s1["auto_rank"]["ranks"] and s2["trainable_params"] == s1["trainable_params"]
+    a, b = adapters_of(auto_one_process, tmp_path)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].shape == b[k].shape and torch.allclose(a[k], b[k], atol=1e-5, rtol=0), (k, (a[k] - b[k]).abs().max())

@@ -96,29 +96,6 @@ def test_shrink_refuses_dora_in_one_line(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
-def test_auto_rank_probes_then_trains_at_the_advised_ranks(tmp_path):
-    """lora.r=auto: a probe at r_max on a quarter of the steps, then the advisor's per-module ranks at the probe's
-    scale; a resumed run reuses the choice instead of probing again."""
-    from lorafit.analysis.report import analyze
-    from lorafit.analysis.spectrum import read_adapter
-
-    args = (*TINY_CLS, "train.max_steps=12", "lora.r=auto", "lora.r_max=8", "lora.alpha=16", "lora.auto_energy=0.8",
-            "train.save_every=6", "hooks=[save_adapter]")
-    run_dir, summary = run_inprocess(tmp_path, *args)
-    auto = summary["auto_rank"]
-    assert auto["probe_steps"] == 3 and (run_dir / "probe" / "analysis" / "report.md").is_file()
-    advice = analyze(*read_adapter(run_dir / "probe"), energy=0.8)["advice"]
-    assert (auto["global_r"], auto["rank_pattern"]) == (advice["global_r"], advice["rank_pattern"])
-    config, _ = read_adapter(run_dir)
-    assert config["r"] == auto["global_r"] == summary["lora_r"] and config["rank_pattern"] == auto["rank_pattern"]
-    assert config["lora_alpha"] / config["r"] == 2.0  # the probe's scale, 16 / 8
-    assert all(config["alpha_pattern"][k] / r == 2.0 for k, r in config["rank_pattern"].items())
-    assert auto["params_chosen"] < auto["params_probe"]
-    probe_mtime = (run_dir / "probe" / "summary.json").stat().st_mtime
-    _, again = run_inprocess(tmp_path, *args, "train.resume=auto")
-    assert again["auto_rank"] == auto and (run_dir / "probe" / "summary.json").stat().st_mtime == probe_mtime
-
-
 def test_shrink_intruders_dampens_them_through_peft(tmp_path):
     """--intruders 0: peft's reduce_intruder_dimension removes the intruder directions; modules without any keep
     their factors, and the result loads with plain peft and has fewer intruders."""

@@ -138,6 +138,13 @@ def summary_line(doc: dict) -> str:
 def markdown(doc: dict, images: list[str]) -> str:
     ms, adv = doc["modules"], doc["advice"]
     lines = ["# What the adapter learned", "", summary_line(doc), ""]
+    if auto := doc.get("auto_rank"):
+        lines += ["## Ranks chosen in the run (lora.r=auto)", "",
+                  f"Trained at r={auto['r_max']} until step {auto['step']}, then every ΔW was cut to its exact best "
+                  f"approximation holding {auto['energy']:.0%} of its energy ({auto['energy_kept']:.2%} of the total kept; "
+                  f"Adam's moments: {auto['moments']}), and training went on at those ranks: "
+                  f"{auto['params_before']:,} -> {auto['params_after']:,} LoRA parameters. The ranks below are the "
+                  "shipped adapter's.", ""]
     if adv:
         lines += ["## Rank advice", "",
                   f"To keep {adv['energy_target']:.0%} of each ΔW's energy (Eckart–Young: the best rank-k approximation "

@@ -27,6 +27,13 @@ def lowrank_svd(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0, vectors: b
     return (S, Qb @ U, Qa @ Vh.T) if vectors else S
 
 
+def truncated_factors(S: torch.Tensor, U: torch.Tensor, V: torch.Tensor, k: int, scale: float = 1.0):
+    """Eckart–Young from lowrank_svd's (S, U, V): the rank-k factors (B', A') whose scale·B'·A' is the best rank-k
+    approximation of the update, ‖ΔW − ΔW'‖²_F = Σ_{i>k} σᵢ²; the singular values are split evenly between them."""
+    root = (S[:k] / scale).sqrt()
+    return U[:, :k] * root, root[:, None] * V[:, :k].T
+
+
 # --- rank metrics of a spectrum (all from the singular values: Eckart–Young) -------------------------------------
 
 def energy_rank(sigma: torch.Tensor, threshold: float) -> int:
