@@ -135,8 +135,9 @@ def check(model: str = "tiny-llama", generations: int = 4, seed: int = 0, quiet:
     work = Path(tempfile.mkdtemp(prefix="lorafit-grpocheck-"))
     files = prompt_files(work / "data", 64, 8)
     accelerator = Accelerator(cpu=True, mixed_precision="no")
+    # 8 new tokens, not the recipe's 3: enough tokens per group that the shifted ratios clip in every case
     base_keys = {"train.mixed_precision": "no", "objective.num_generations": generations, "train.seed": seed,
-                 "objective.rewards": CHECK_REWARDS}
+                 "objective.rewards": CHECK_REWARDS, "objective.max_new_tokens": 8}
     cfg = compose(*overrides(model, files, **base_keys))
     tokenizer = models.build_tokenizer(cfg.model)
     rows = data.tokenize(data.load_splits(cfg), tokenizer, cfg)[0]

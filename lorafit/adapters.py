@@ -22,7 +22,8 @@ def peft_config(cfg):
     lo = cfg.lora
     target = lo.target_modules if isinstance(lo.target_modules, str) else list(lo.target_modules)
     return LoraConfig(
-        r=lo.r_max if lo.r == "auto" else lo.r, lora_alpha=lo.alpha,  # auto trains at r_max until its shrink lora_dropout=lo.dropout, target_modules=target,
+        r=lo.r_max if lo.r == "auto" else lo.r,  # auto trains at r_max until its shrink (autorank.py)
+        lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=target,
         # SEQ_CLS makes peft train and save the classifier head (`classifier` / `score`) as modules_to_save.
         task_type=TaskType.SEQ_CLS if cfg.model.task == "seq_cls" else TaskType.CAUSAL_LM,
         modules_to_save=list(lo.modules_to_save) if lo.modules_to_save else None,
