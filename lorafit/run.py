@@ -61,7 +61,7 @@ def _redact_hydra_record(run_dir: Path, secrets: set) -> None:
 # What lorafit writes into a run dir (beside the hook outputs, named by the config), and what of it says a run is
 # there. Hydra's .hydra/ and its log are Hydra's: neither counts, and train.overwrite leaves them alone.
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints")
-RUN_FILES = (*RUN_MARKERS, "generations.jsonl", "probe", "wandb_run_id", "wandb", "analysis", "initial_adapter", "model")
+RUN_FILES = (*RUN_MARKERS, "generations.jsonl", "wandb_run_id", "wandb", "analysis", "initial_adapter", "model")
 
 
 def _run_files(run_dir: Path, cfgs) -> list[Path]:
@@ -374,6 +374,10 @@ def _print_summary(s: dict) -> None:
         + f"  (n={s['eval'].get('n')})",
         f"  trainable params: {s['trainable_params']:,} ({s['trainable_percent']:.3f}%)",
     ]
+    if a := s.get("auto_rank"):
+        lines.append(f"  lora.r=auto: r={a['r_max']} until step {a['step']}, then ranks {min(a['ranks'].values())}-"
+                     f"{max(a['ranks'].values())} ({a['params_before']:,} -> {a['params_after']:,} LoRA parameters, "
+                     f"{a['energy_kept']:.1%} of ΔW's energy kept at the shrink)")
     if "spectrum" in s:
         lines.append(f"  ΔW: mean effective rank {s['spectrum']['mean_effective_rank']:.2f}, mean r90 "
                      f"{s['spectrum']['mean_r90']:.1f} over {s['spectrum']['modules']} modules (analysis/)")
