@@ -146,6 +146,24 @@ def shrink(model, optimizer, accelerator, energy: float, moments: str, ranks: di
             "energy_kept": 1 - sum(m["tail_energy"] for m in modules) / total if total else 1.0}
 
 
+def shrink_in_run(model, optimizer, accelerator, lo, step: int, say) -> dict:
+    """The shrink at `step` of the loop, with its record (what summary.json and the checkpoints keep)."""
+    record = {"step": step, "r_max": lo.r_max, "energy": lo.auto_energy, "moments": lo.auto_moments,
+              **shrink(model, optimizer, accelerator, lo.auto_energy, lo.auto_moments)}
+    ranks = record["ranks"].values()
+    say(f"step {step}: lora.r=auto shrank {len(ranks)} modules to ranks {min(ranks)}-{max(ranks)}: "
+        f"{record['params_before']:,} -> {record['params_after']:,} LoRA parameters, {record['energy_kept']:.2%} of "
+        "ΔW's energy kept")
+    return record
+
+
+def warm_up(optimizer, scheduler, step: int, shrunk: dict | None, lo) -> None:
+    """lora.auto_moments=reset: after the shrink, the restarted moments get the schedule's lr ramped up again."""
+    if shrunk and lo.auto_moments == "reset":
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr * warmup_factor(step + 1, shrunk["step"], lo.auto_warmup)
+
+
 def warmup_factor(step: int, at: int | None, warmup: int) -> float:
     """lora.auto_moments=reset: the learning rate's share at `step`, ramping up over `warmup` steps after the shrink."""
     if at is None or warmup <= 0 or not at < step <= at + warmup:

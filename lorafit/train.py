@@ -195,18 +195,11 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
             else:
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            lo = cfg.lora
             if shrink_at and step >= shrink_at and shrunk is None:  # lora.r=auto: every adapter to its exact truncation
-                shrunk = res.auto_rank = {"step": step, "r_max": lo.r_max, "energy": lo.auto_energy, "moments": lo.auto_moments,
-                                          **autorank.shrink(model, optimizer, accelerator, lo.auto_energy, lo.auto_moments)}
+                shrunk = res.auto_rank = autorank.shrink_in_run(model, optimizer, accelerator, cfg.lora, step, say)
                 # the r_max adapter is not what ships: evaluations from here on compete for best (and early stopping)
                 best = checkpoint.Best(metric, metrics.higher_is_better(metric))
-                say(f"step {step}: lora.r=auto shrank {len(shrunk['ranks'])} modules to ranks {min(shrunk['ranks'].values())}-"
-                    f"{max(shrunk['ranks'].values())}: {shrunk['params_before']:,} -> {shrunk['params_after']:,} LoRA "
-                    f"parameters, {shrunk['energy_kept']:.2%} of ΔW's energy kept")
-            if shrunk and lo.auto_moments == "reset":  # restarted moments: the next steps' lr ramps up again
-                for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
-                    group["lr"] = lr * autorank.warmup_factor(step + 1, shrunk["step"], lo.auto_warmup)
+            autorank.warm_up(optimizer, scheduler, step, shrunk, cfg.lora)
             window.append(_step_means(accelerator, step_loss, n_global, step_stats))
             if objective.rollout is not None:  # the share of the step spent generating and scoring
                 window[-1]["generate_s"] = torch.tensor(rollout_s if (step - 1) % mu == 0 else 0.0)
