@@ -108,7 +108,7 @@ class LoraConfig:
     r: Any = 8  # a positive integer, or auto: train at r_max, shrink each module inside the run (lorafit/autorank.py)
     r_max: int = 32  # r=auto: the rank trained at until the shrink; the scale alpha / r_max is kept after it
     auto_energy: float = 0.9  # r=auto: each module keeps the smallest rank holding this share of its ΔW's energy
-    auto_shrink_at: float = 0.25  # r=auto: the shrink's place, as a share of the run's steps
+    auto_shrink_at: float = 0.5  # r=auto: the shrink's place, as a share of the run's steps (0.5 beat 0.25: RESULTS.md)
     auto_moments: AutoMoments = AutoMoments.project  # r=auto: Adam's moments at the shrink: project (onto the kept ranks) | reset
     auto_warmup: int = 10  # r=auto with auto_moments=reset: steps of learning-rate warm-up after the shrink
     alpha: float = 16.0

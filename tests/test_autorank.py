@@ -100,7 +100,8 @@ def test_reset_zeroes_the_moments_and_restarts_adam_and_warms_up():
     assert [autorank.warmup_factor(s, 3, 4) for s in (3, 4, 7, 8)] == [1.0, 0.2, 0.8, 1.0]
 
 
-AUTO = [*TINY_CLS, "train.max_steps=12", "lora.r=auto", "lora.r_max=8", "lora.alpha=16", "lora.auto_energy=0.8"]
+AUTO = [*TINY_CLS, "train.max_steps=12", "lora.r=auto", "lora.r_max=8", "lora.alpha=16", "lora.auto_energy=0.8",
+        "lora.auto_shrink_at=0.25"]
 
 
 def test_auto_trains_big_shrinks_at_its_step_and_ships_the_small_adapter(tmp_path):
