@@ -29,10 +29,12 @@ import torch
 from lorafit.errors import UserError
 
 
-def shrink_step(cfg, total: int, accelerator) -> int | None:
-    """The step the shrink happens after (None: lora.r is not auto)."""
+def shrink_step(cfg, total: int, accelerator, model) -> int | None:
+    """The step the shrink happens after (None: lora.r is not auto); what it can't shrink is refused here, before
+    training."""
     if cfg.lora.r != "auto":
         return None
+    lora_pairs(accelerator.unwrap_model(model))
     if cfg.lora.auto_moments == "reset" and accelerator.distributed_type == "DEEPSPEED":
         raise UserError("lora.auto_moments=reset restarts Adam's step count per parameter, which DeepSpeed keeps per "
                         "group: use lora.auto_moments=project with DeepSpeed")
@@ -45,10 +47,12 @@ def lora_pairs(model) -> list[tuple[str, torch.nn.Parameter, torch.nn.Parameter,
 
     out = []
     for name, mod in model.named_modules():
-        if isinstance(mod, LoraLayer) and "default" in mod.lora_A:
-            if "default" in getattr(mod, "lora_embedding_A", {}):
-                raise UserError(f"lora.r=auto shrinks LoRA on Linear layers; {name} is an Embedding: leave it out of "
-                                "lora.target_modules or set an integer lora.r")
+        if not isinstance(mod, LoraLayer):
+            continue
+        if "default" in getattr(mod, "lora_embedding_A", {}):  # peft keeps an Embedding's factors apart
+            raise UserError(f"lora.r=auto shrinks LoRA on Linear layers; {name} is an Embedding: leave it out of "
+                            "lora.target_modules or set an integer lora.r")
+        if "default" in mod.lora_A:
             out.append((name.removeprefix("base_model.model."), mod.lora_A["default"].weight,
                         mod.lora_B["default"].weight, mod.scaling["default"]))
     return out

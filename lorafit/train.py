@@ -98,7 +98,7 @@ def train(model, tokenizer, train_ds, eval_ds, cfg, accelerator, run_dir: Path, 
 
     start, metric, fingerprint = 0, metrics.primary_metric(cfg), checkpoint.fingerprint(cfg)
     best, window, rolled = checkpoint.Best(metric, metrics.higher_is_better(metric)), [], None
-    shrink_at, shrunk = autorank.shrink_step(cfg, total, accelerator), None  # lora.r=auto: the step of the in-run shrink
+    shrink_at, shrunk = autorank.shrink_step(cfg, total, accelerator, model), None  # lora.r=auto: the step of the in-run shrink
     if (ckpt := checkpoint.find(t.resume, run_dir)) is not None:
         state = checkpoint.load(accelerator, ckpt, scheduler, fingerprint)
         start, best = state["step"], checkpoint.Best(**state.get("best", best.__dict__))

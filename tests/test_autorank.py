@@ -7,7 +7,7 @@ import signal
 
 import pytest
 import torch
-from conftest import TINY_CLS, metrics_lines, run_cli, run_inprocess
+from conftest import TINY_CLS, TINY_LM, metrics_lines, run_cli, run_inprocess
 from safetensors.torch import load_file
 
 from lorafit import autorank
@@ -174,3 +174,14 @@ def test_auto_settings_it_cannot_honour_are_refused_in_one_line(tmp_path):
     assert "Traceback" not in out.stderr and not (tmp_path / "summary.json").exists()
     out = run_cli(*AUTO, "lora.auto_moments=keep", f"hydra.run.dir={tmp_path}")
     assert out.returncode != 0 and "expected one of [project, reset]" in out.stderr and "full_key: lora.auto_moments" in out.stderr
+
+
+def test_an_embedding_target_is_refused_before_training(tmp_path):
+    """peft keeps an Embedding's LoRA factors apart; auto shrinks Linear layers only, and says so before step 1."""
+    from lorafit.errors import UserError
+
+    with pytest.raises(UserError, match="embed_tokens is an Embedding"):
+        run_inprocess(tmp_path, *TINY_LM, "train.max_steps=4", "lora.r=auto", "lora.r_max=8",
+                      "lora.target_modules='.*(embed_tokens|q_proj)'")  # a regex: a list of names must be Linear
+    log = tmp_path / "run" / "metrics.jsonl"
+    assert not log.exists() or "train/loss" not in log.read_text()
