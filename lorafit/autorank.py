@@ -111,9 +111,9 @@ class _Engine:
                 self.optimizer.state[p]["step"].zero_()
 
 
-def shrink(model, optimizer, accelerator, energy: float, moments: str, ranks: dict | None = None) -> dict:
-    """Truncate every adapter of the live (prepared) model in place, and map or reset its Adam moments. `ranks`
-    (module -> k) fixes the ranks instead of `energy`. Returns the record: each module's rank and energies."""
+def shrink(model, optimizer, accelerator, energy: float, moments: str) -> dict:
+    """Truncate every adapter of the live (prepared) model in place, and map or reset its Adam moments. Returns the
+    record: each module's rank and energies."""
     from lorafit.analysis.spectrum import energy_rank, lowrank_svd, truncated_factors
 
     engine, modules, reset = _Engine(accelerator, optimizer), [], []
@@ -121,7 +121,7 @@ def shrink(model, optimizer, accelerator, energy: float, moments: str, ranks: di
         A, B = engine.get(pa), engine.get(pb)
         r = A.shape[0]
         S, U, V = lowrank_svd(B, A, s, vectors=True)
-        k = ranks[name] if ranks else max(1, energy_rank(S, energy))
+        k = max(1, energy_rank(S, energy))
         Bk, Ak = truncated_factors(S, U, V, k, s)
         new_B, new_A = torch.zeros_like(B), torch.zeros_like(A)
         new_B[:, :k], new_A[:k] = Bk, Ak
@@ -168,9 +168,9 @@ def warm_up(optimizer, scheduler, step: int, shrunk: dict | None, lo) -> None:
             group["lr"] = lr * warmup_factor(step + 1, shrunk["step"], lo.auto_warmup)
 
 
-def warmup_factor(step: int, at: int | None, warmup: int) -> float:
+def warmup_factor(step: int, at: int, warmup: int) -> float:
     """lora.auto_moments=reset: the learning rate's share at `step`, ramping up over `warmup` steps after the shrink."""
-    if at is None or warmup <= 0 or not at < step <= at + warmup:
+    if warmup <= 0 or not at < step <= at + warmup:
         return 1.0
     return (step - at) / (warmup + 1)
 
