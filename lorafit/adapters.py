@@ -16,17 +16,28 @@ log = logging.getLogger(__name__)
 PEFT_INIT = {"gaussian": "gaussian", "default": True, "pissa": "pissa", "olora": "olora"}
 
 
-def peft_config(cfg):
+def head_modules(model) -> list[str]:
+    """A classifier's task head: its top-level modules with weights outside the pretrained body (`base_model`).
+    That is `classifier` or `score`, and also DeBERTa's `pooler` or ModernBERT's `head`: a checkpoint saved without
+    them (DeBERTa-v3's has no pooler) leaves them random, and left frozen they would stay random, and be drawn anew
+    by every reload, so the merged and reloaded models would differ from the trained one."""
+    body = model.base_model
+    return [n for n, m in model.named_children() if m is not body and next(m.parameters(), None) is not None]
+
+
+def peft_config(cfg, model=None):
+    """`model`: the task model (or its meta skeleton) the config is for, whose head a classifier trains in full
+    (causal LMs need none)."""
     from peft import LoraConfig, TaskType
 
     lo = cfg.lora
     target = lo.target_modules if isinstance(lo.target_modules, str) else list(lo.target_modules)
+    to_save = list(lo.modules_to_save or []) + (head_modules(model) if model is not None and cfg.model.task == "seq_cls" else [])
     return LoraConfig(
         r=lo.r_max if lo.r == "auto" else lo.r,  # auto trains at r_max until its shrink (autorank.py)
         lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=target,
-        # SEQ_CLS makes peft train and save the classifier head (`classifier` / `score`) as modules_to_save.
         task_type=TaskType.SEQ_CLS if cfg.model.task == "seq_cls" else TaskType.CAUSAL_LM,
-        modules_to_save=list(lo.modules_to_save) if lo.modules_to_save else None,
+        modules_to_save=list(dict.fromkeys(to_save)) or None,
         use_rslora=lo.use_rslora, use_dora=lo.use_dora, init_lora_weights=PEFT_INIT[lo.init],
         rank_pattern=OmegaConf.to_container(lo.rank_pattern) if lo.rank_pattern else {},
         alpha_pattern=OmegaConf.to_container(lo.alpha_pattern) if lo.alpha_pattern else {},
@@ -48,7 +59,7 @@ def check_targets(cfg) -> list[str]:
         return [str(e)]
     linears = linear_modules(skeleton)
     names = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in linears if not n.startswith(HEAD_NAMES)}))
-    config = replace(peft_config(cfg), init_lora_weights=False)  # PiSSA's SVD can't run on weightless tensors
+    config = replace(peft_config(cfg, skeleton), init_lora_weights=False)  # PiSSA's SVD can't run on weightless tensors
     tm = cfg.lora.target_modules
     if not isinstance(tm, str):  # peft needs only one name of a list to match; each one should
         missing = [t for t in tm if not any(check_target_module_exists(replace(config, target_modules=[t]), n)
@@ -60,7 +71,11 @@ def check_targets(cfg) -> list[str]:
         inject_adapter_in_model(config, skeleton)
     except ValueError:  # peft's NoMatchingPeftModuleError
         return [f"lora.target_modules={tm!r} matches no Linear module; this model has: {names}"]
-    matched = [n for n, mod in skeleton.named_modules() if isinstance(mod, LoraLayer) and n in linears]
+    # peft's all-linear lists a head's own Linears (RoBERTa's classifier.out_proj), but a head in modules_to_save
+    # trains in full and gets no LoRA: its sizes do not bound lora.r
+    heads = tuple(config.modules_to_save or ())
+    matched = [n for n, mod in skeleton.named_modules() if isinstance(mod, LoraLayer) and n in linears
+               and not n.startswith(heads)]
     too_small = sorted({f"{n.rsplit('.', 1)[-1]} (min dim {min(linears[n])})" for n in matched if cfg.lora.r > min(linears[n])})
     if cfg.lora.r > 0 and too_small:
         return [f"lora.r={cfg.lora.r} exceeds min(d, k) of {', '.join(too_small)}: lower lora.r"]
@@ -77,7 +92,7 @@ def attach_lora(model, cfg):
     from peft import PeftModel, get_peft_model
 
     if cfg.lora.init_from is None:
-        return get_peft_model(model, peft_config(cfg))
+        return get_peft_model(model, peft_config(cfg, model))
     path = init_from_dir(cfg.lora.init_from)
     try:
         model = PeftModel.from_pretrained(model, str(path), is_trainable=True)

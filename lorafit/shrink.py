@@ -34,9 +34,9 @@ def shrink(adapter: Path, out: Path, energy: float | None = None, rank: int | No
 
     config, state = read_adapter(adapter)
     factors, skipped = lora_factors(config, state)
-    if skipped or any(f.magnitude is not None or f.kind == "conv" for f in factors):
+    if skipped or any(f.magnitude is not None or f.kind in ("conv", "expert") for f in factors):
         raise UserError(f"{adapter}: shrink handles plain LoRA on Linear and Embedding layers; this adapter has DoRA, "
-                        f"conv or incomplete factors ({[s['name'] for s in skipped][:3]})")
+                        f"conv, MoE-expert or incomplete factors ({[s['name'] for s in skipped][:3]})")
     root = lambda k: math.sqrt(k) if config.get("use_rslora") else k  # alpha that gives scale 1 at rank k
     tensors, modules, ranks = {}, [], {}
     for f in factors:

@@ -78,7 +78,7 @@ def heatmap(doc: dict, path: Path, key: str = "effective_rank") -> Path | None:
     types, layers = list(dict.fromkeys(m["type"] for m in ms)), sorted({m["layer"] for m in ms})
     grid = np.full((len(layers), len(types)), np.nan)
     for m in ms:
-        grid[layers.index(m["layer"]), types.index(m["type"])] = m[key]
+        grid[layers.index(m["layer"]), types.index(m["type"])] = m.get(key, np.nan)  # experts: no W0 metrics
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(types), 1.2 + 0.28 * len(layers)))
     im = ax.imshow(grid, aspect="auto", cmap="viridis")
     ax.set(xticks=range(len(types)), xticklabels=types, yticks=range(len(layers)), yticklabels=layers, ylabel="layer",

@@ -80,8 +80,9 @@ class LoraFactors:
     A: torch.Tensor  # r × k (in)
     B: torch.Tensor  # d (out) × r
     scale: float
-    kind: str = "linear"  # linear | embedding | conv
+    kind: str = "linear"  # linear | embedding | conv | expert
     magnitude: torch.Tensor | None = None  # DoRA's per-output-row magnitude vector
+    expert: int | None = None  # kind expert: which expert of a 3-D MoE parameter (peft's target_parameters)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -162,9 +163,42 @@ def lora_factors(config: dict, state: dict[str, torch.Tensor]) -> tuple[list[Lor
         if r == 0:
             skipped.append({"name": name, "reason": "rank 0"})
             continue
+        if _is_param_wrapper(config, name):
+            experts = _experts(config, name, A, B)
+            if experts is None:
+                skipped.append({"name": name, "reason": "MoE experts: the base's config (num_experts) is not readable"})
+                continue
+            out += expert_factors(name, A.float(), B.float(), experts, _scale(config, name, r // experts))
+            continue
         out.append(LoraFactors(name, A.float(), B.float(), _scale(config, name, r), kind,
                                parts.get("lora_magnitude_vector")))
     return out, skipped
+
+
+def _is_param_wrapper(config: dict, name: str) -> bool:
+    """peft's LoRA on a 3-D parameter (target_parameters): the wrapped module is the experts container, whose
+    factors stack one rank-r pair per expert (peft nests one wrapper per parameter: experts, experts.base_layer)."""
+    params = [p for p in config.get("target_parameters") or [] if "." not in p]  # e.g. gate_up_proj, down_proj
+    return bool(params) and name.split(".base_layer")[0].rsplit(".", 1)[-1] == "experts"
+
+
+def _experts(config: dict, name: str, A: torch.Tensor, B: torch.Tensor) -> int | None:
+    from lorafit.models import resolve
+
+    try:
+        base = json.loads((Path(resolve(config.get("base_model_name_or_path") or "")) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    n = base.get("num_experts") or base.get("num_local_experts")
+    return n if n and A.shape[0] % n == 0 and B.shape[1] == A.shape[0] else None
+
+
+def expert_factors(name: str, A: torch.Tensor, B: torch.Tensor, experts: int, scale: float) -> list[LoraFactors]:
+    """Each expert's own (A_e, B_e), so its ΔW_e = s·B_e·A_e is analysed apart: peft (lora.ParamWrapper) stacks A
+    expert-major ((E·r) × in, rows e·r..e·r+r-1) and B expert-minor (out × (r·E), columns j·E + e)."""
+    r = A.shape[0] // experts
+    A_e, B_e = A.reshape(experts, r, A.shape[1]), B.reshape(B.shape[0], r, experts)
+    return [LoraFactors(f"{name}.expert{e}", A_e[e], B_e[:, :, e], scale, "expert", expert=e) for e in range(experts)]
 
 
 def _natural_key(name: str):
@@ -172,8 +206,10 @@ def _natural_key(name: str):
 
 
 def module_type(name: str) -> str:
-    """The module's own name (query, q_proj, ...): what the report groups by."""
-    return name.rsplit(".", 1)[-1]
+    """The module's own name (query, q_proj, ...): what the report groups by; an expert, by its container."""
+    if (tail := name.rsplit(".", 1)[-1]).startswith("expert") and tail[6:].isdigit():
+        return name.split(".experts", 1)[0].rsplit(".", 1)[-1] + ".experts" + name.split(".experts", 1)[1].rsplit(".", 1)[0]
+    return tail
 
 
 def layer_index(name: str) -> int | None:
