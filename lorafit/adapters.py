@@ -196,12 +196,16 @@ def parameter_report(model) -> dict:
         trainable, total = model.get_nb_trainable_parameters()
     else:  # lora=full: a plain float model
         trainable, total = sum(p.numel() for p in model.parameters() if p.requires_grad), model.num_parameters()
+    # peft's LoRA on a 3-D MoE tensor (target_parameters) sits in a wrapper named after the container (`experts`,
+    # `experts.base_layer`): name it by the tensor it adapts
+    tensors = {n: m.parameter_name for n, m in model.named_modules() if getattr(m, "parameter_name", "weight") != "weight"}
     for name, p in model.named_parameters():
         if p.requires_grad:  # trainable tensors are never quantized: numel is their count
             n = p.numel()
             parts = name.split(".")
             if "lora_A" in parts or "lora_B" in parts or "lora_magnitude_vector" in parts:
-                key = parts[max(i for i, s in enumerate(parts) if s.startswith("lora_")) - 1]
+                at = max(i for i, s in enumerate(parts) if s.startswith("lora_"))
+                key = tensors.get(".".join(parts[:at])) or parts[at - 1]
             else:
                 key = next((h for h in HEAD_NAMES if h in parts), "other")
             by_type[key] += n

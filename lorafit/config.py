@@ -481,11 +481,13 @@ def validate(cfg) -> None:
         errors.append("logging.backend=wandb needs wandb: pip install wandb")
 
     if cfg.hooks.merge is not None and cfg.hooks.merge.gguf is not None:
+        from lorafit.export import GGUF_FAMILIES
         from lorafit.models import load_config
 
-        if m.task != "causal_lm" or load_config(m).model_type != "llama":
-            errors.append(f"hooks.merge.gguf={cfg.hooks.merge.gguf} exports Llama-architecture causal LMs; "
-                          f"{m.name} ({m.task}) is not one: set hooks.merge.gguf=null")
+        kind = load_config(m).model_type
+        if m.task != "causal_lm" or kind not in GGUF_FAMILIES:
+            errors.append(f"hooks.merge.gguf={cfg.hooks.merge.gguf} exports {', '.join(GGUF_FAMILIES)} causal LMs; "
+                          f"{m.name} ({kind}, {m.task}) is not one: set hooks.merge.gguf=null")
     if lo.method == "lora" and lo.init_from is None and (lo.r == "auto" or isinstance(lo.r, int)):  # checks against the model's own modules, built on the meta device (no weights loaded)
         from lorafit.adapters import check_targets
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,7 @@ class Splits:
     eval: object  # None until a split is held out of train
     text_columns: tuple[str, ...]
     labels: list[str] | None  # class names; ["score"] for regression; None for causal LM
+    more_eval: dict = field(default_factory=dict)  # further eval splits by name: MNLI's "mismatched" dev set
 
 
 def load_splits(cfg) -> Splits:
@@ -124,7 +125,8 @@ def _glue(task: str) -> Splits:
             f"data=files data.train_file=train.csv data.eval_file=dev.csv data.text_columns=[{','.join(columns)}]"
         ) from None
     labels = ["score"] if task == "stsb" else ds["train"].features["label"].names
-    return Splits(ds["train"], ds[eval_split], columns, labels)
+    more = {"mismatched": ds["validation_mismatched"]} if task == "mnli" else {}  # GLUE reports both MNLI dev sets
+    return Splits(ds["train"], ds[eval_split], columns, labels, more)
 
 
 def _where(src, split: str = "train", key: str = "data") -> str:
@@ -293,13 +295,13 @@ def _files(train, ev, cfg) -> Splits:
     return Splits(relabel(train, to_id), relabel(ev, to_id), columns, classes)
 
 
-def tokenize(splits: Splits, tokenizer, cfg) -> tuple:
-    """Tokenize both splits, cutting rows to data.max_length. One warning counts the rows cut, another the rows
-    dropped for having no token to learn from (and what is left of the split)."""
+def tokenize(splits: Splits, tokenizer, cfg, names=("train", "eval")) -> tuple:
+    """Tokenize the splits `names` (train, eval, or one of more_eval), cutting rows to data.max_length. One warning
+    counts the rows cut, another the rows dropped for having no token to learn from (and what is left of the split)."""
     max_len, task = cfg.data.max_length, cfg.model.task
     out = []
-    for name in ("train", "eval"):
-        ds = getattr(splits, name)
+    for name in names:
+        ds = getattr(splits, name) if name in ("train", "eval") else splits.more_eval[name]
         if cfg.objective.name == "grpo":
             _check_prompts(ds.column_names, cfg.data.prompt_template, f"the {name} split")
             encode = lambda batch: _encode_prompts(batch, tokenizer, max_len, cfg.data.prompt_template,

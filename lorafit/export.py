@@ -1,10 +1,14 @@
-"""A merged Llama-architecture model -> one GGUF file for llama.cpp and Ollama (`lorafit.merge ... --gguf f16|q8_0`).
+"""A merged Llama, Mistral, Qwen2 or Qwen3 model -> one GGUF file for llama.cpp and Ollama
+(`lorafit.merge ... --gguf f16|q8_0`).
 
 Written with the `gguf` package (llama.cpp's own writer and tensor-name map), the way llama.cpp's converter
-writes Llama: q/k projections permuted to llama.cpp's rotary layout, norms in fp32, a tied lm_head left out (llama.cpp
-then reuses the token embeddings), the byte-level BPE vocab with merges and the chat template. transformers reads
-the file back (`from_pretrained(dir, gguf_file=...)`); the tests compare its logits with the merged model's.
-Only what has been run is accepted: the Llama architecture with default RoPE and a byte-level BPE tokenizer.
+(convert_hf_to_gguf.py) writes these families: Llama and Mistral (llama.cpp's "llama" architecture) with the q/k
+projections permuted to its rotary layout, Qwen2 (q/k/v biases) and Qwen3 (q/k RMSNorms) unpermuted; norms in fp32,
+a tied lm_head left out (llama.cpp then reuses the token embeddings), the byte-level BPE vocab with merges, special ids
+and the chat template. tests/test_gguf_llama_cpp.py runs each family's file in llama.cpp itself (llama-cpp-python)
+and compares its tokens and logits with the merged model's. Only what has been run is accepted: these families with
+default RoPE, no sliding window, and a byte-level BPE tokenizer whose pre-tokenizer llama.cpp is known to share.
+Gemma 2/3 (norm offset, soft-capping, sliding window) and Phi-3 (fused qkv) are refused: use llama.cpp's converter.
 """
 
 from __future__ import annotations
@@ -19,9 +23,15 @@ import torch
 from lorafit.errors import UserError
 
 GGUF_TYPES = ("f16", "q8_0")  # config.GgufType
+GGUF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # model_type; the layout of each in _archs
 
 # llama.cpp picks its pre-tokenizer regex by `tokenizer.ggml.pre`, which its converter finds by hashing the token ids
-# of this probe text. Hashes checked here: SmolLM2's tokenizer gives the first (llama.cpp's "smollm").
+# of this probe text; an unknown hash is an error there, and here. Hashes checked here: SmolLM2's tokenizer gives the
+# first (llama.cpp's "smollm"). Beyond those, a pre-tokenizer that is exactly one llama.cpp has by name is that one,
+# whatever the vocab: GPT-2's own (ByteLevel with its regex) is "gpt-2"; Qwen2's split regex then ByteLevel is "qwen2"
+# (transformers 5 gives every qwen2/qwen3 model dir Qwen2Tokenizer's).
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+               r"\s+(?!\S)|\s+")
 PRE_TOKENIZER_PROBE = ("\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n\U0001f680 (normal) \U0001f636\u200d\U0001f32b\ufe0f "
                        "(multiple emojis concatenated) \u2705 \U0001f999\U0001f999 3 33 333 3333 33333 333333 3333333 "
                        "33333333 3.3 3..3 3...3 \u1780\u17b6\u1793\u17cb\u178f\u17c2\u1796\u17b7\u179f\u17c1\u179f\u17a2"
@@ -39,10 +49,14 @@ def to_gguf(model_dir: Path, qtype: str = "f16") -> dict:
     from safetensors import safe_open
     from transformers import AutoConfig, AutoTokenizer
 
-    config = AutoConfig.from_pretrained(model_dir)
-    if config.model_type != "llama":
-        raise UserError(f"--gguf exports Llama-architecture models (SmolLM2, Llama, ...); {model_dir} is "
-                        f"{config.model_type!r}. Use llama.cpp's convert_hf_to_gguf.py on the merged dir")
+    config, archs = AutoConfig.from_pretrained(model_dir), _archs()
+    if config.model_type not in archs:
+        raise UserError(f"--gguf exports {', '.join(archs)} models; {model_dir} is {config.model_type!r}. Use "
+                        "llama.cpp's convert_hf_to_gguf.py on the merged dir")
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        raise UserError(f"--gguf: {model_dir} uses sliding-window attention ({config.sliding_window}), which this "
+                        "exporter does not write; use llama.cpp's convert_hf_to_gguf.py on the merged dir")
+    arch, permute = archs[config.model_type]
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         raise UserError(f"--gguf: {model_dir} uses RoPE scaling {rope.get('rope_type')!r}, which this exporter does "
@@ -57,7 +71,7 @@ def to_gguf(model_dir: Path, qtype: str = "f16") -> dict:
 
     out_file = Path(model_dir) / f"model-{qtype}.gguf"
     tmp = out_file.with_name(f".{out_file.name}.tmp")  # renamed into place once complete
-    writer = gguf.GGUFWriter(tmp, "llama")
+    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
     writer.add_name(Path(model_dir).name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -65,6 +79,8 @@ def to_gguf(model_dir: Path, qtype: str = "f16") -> dict:
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(n_head)
     writer.add_head_count_kv(n_kv)
+    writer.add_key_length(head_dim)  # as the converter does where config.head_dim is set (Qwen3: not hidden / heads)
+    writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
     writer.add_rope_dimension_count(head_dim)
@@ -72,7 +88,7 @@ def to_gguf(model_dir: Path, qtype: str = "f16") -> dict:
     writer.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype])
     pre = _vocab(writer, tokenizer, model_dir, config.vocab_size)
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise UserError(f"--gguf: no safetensors weights in {model_dir}")
@@ -84,11 +100,12 @@ def to_gguf(model_dir: Path, qtype: str = "f16") -> dict:
                     continue
                 name = names.get_name(key, try_suffixes=(".weight", ".bias"))
                 if name is None:
-                    raise UserError(f"--gguf: tensor {key!r} of {f.name} has no llama.cpp name; not a plain Llama")
+                    raise UserError(f"--gguf: tensor {key!r} of {f.name} has no llama.cpp name; not a plain "
+                                    f"{config.model_type}")
                 w = h.get_tensor(key).float()
-                if key.endswith("q_proj.weight"):
+                if permute and key.endswith(("q_proj.weight", "q_proj.bias")):
                     w = _permute(w, n_head)
-                elif key.endswith("k_proj.weight"):
+                elif permute and key.endswith(("k_proj.weight", "k_proj.bias")):
                     w = _permute(w, n_kv)
                 data, kind = _encode(w, qt, gguf)
                 writer.add_tensor(name, data, raw_dtype=kind)
@@ -100,6 +117,15 @@ def to_gguf(model_dir: Path, qtype: str = "f16") -> dict:
     tmp.replace(out_file)
     return {"file": str(out_file), "type": qtype, "tensors": counts, "tokenizer_pre": pre,
             "bytes": out_file.stat().st_size}
+
+
+def _archs():
+    import gguf
+
+    A = gguf.MODEL_ARCH
+    # model_type: (llama.cpp architecture, whether q/k are permuted to its rotary layout), as convert_hf_to_gguf.py
+    # maps them (MistralForCausalLM is its LlamaModel; Qwen2Model and Qwen3Model keep HF's layout, NEOX rope).
+    return dict(zip(GGUF_FAMILIES, [(A.LLAMA, True), (A.LLAMA, True), (A.QWEN2, False), (A.QWEN3, False)]))
 
 
 def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -115,6 +141,17 @@ def _encode(w: torch.Tensor, qt, gguf) -> tuple[np.ndarray, object]:
     if qt == gguf.GGMLQuantizationType.Q8_0 and w.shape[-1] % 32 == 0:
         return gguf.quants.quantize(w.numpy(), qt), qt
     return w.half().numpy(), gguf.GGMLQuantizationType.F16
+
+
+def _named_pre_tokenizer(spec: dict) -> str | None:
+    if spec.get("type") == "ByteLevel" and spec.get("use_regex", True):
+        return "gpt-2"
+    parts = spec.get("pretokenizers") or []
+    if (spec.get("type") == "Sequence" and len(parts) == 2 and parts[0].get("type") == "Split"
+            and parts[0].get("pattern", {}).get("Regex") == QWEN2_SPLIT and parts[0].get("behavior") == "Isolated"
+            and parts[1].get("type") == "ByteLevel" and not parts[1].get("use_regex", True)):
+        return "qwen2"
+    return None
 
 
 def _vocab(writer, tokenizer, model_dir: Path, n_vocab: int) -> str:
@@ -135,7 +172,12 @@ def _vocab(writer, tokenizer, model_dir: Path, n_vocab: int) -> str:
             tokens.append(by_id[i])
             types.append(gguf.TokenType.NORMAL if i not in added else
                          gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
-    pre = PRE_TOKENIZERS.get(sha256(str(tokenizer.encode(PRE_TOKENIZER_PROBE)).encode()).hexdigest(), "default")
+    pre = PRE_TOKENIZERS.get(sha256(str(tokenizer.encode(PRE_TOKENIZER_PROBE)).encode()).hexdigest())
+    if pre is None:
+        pre = _named_pre_tokenizer(json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {})
+    if pre is None:
+        raise UserError(f"--gguf: {model_dir}'s tokenizer has a pre-tokenizer llama.cpp is not known to share; use "
+                        "llama.cpp's convert_hf_to_gguf.py, which knows more")
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)

@@ -218,7 +218,7 @@ def run(cfg, run_dir: Path | None = None) -> float:
     from accelerate.utils import set_seed
 
     from lorafit import adapters, autorank, checkpoint, data, hooks, metrics, models, speed
-    from lorafit.train import MetricsLog, forgetting_eval, train
+    from lorafit.train import MetricsLog, forgetting_eval, split_eval, train
 
     t_start = time.perf_counter()
     quiet_libraries()
@@ -264,6 +264,9 @@ def run(cfg, run_dir: Path | None = None) -> float:
         from lorafit.generate import generation_eval
 
         extra_evals.append(generation_eval(data.generation_rows(splits.eval, cfg), tokenizer, cfg, accelerator, run_dir))
+    for name in splits.more_eval:  # scored as the eval split is, its metrics prefixed: eval/mismatched_accuracy
+        extra_evals.append(split_eval(name, *data.tokenize(splits, tokenizer, cfg, [name]), tokenizer.pad_token_id, cfg,
+                                      accelerator))
     if cfg.eval.forgetting_file:
         extra_evals.append(forgetting_eval(data.general_text(cfg, tokenizer), tokenizer.pad_token_id, cfg, accelerator))
     sharded = accelerator.distributed_type in checkpoint.SHARDED

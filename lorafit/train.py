@@ -276,6 +276,12 @@ def epoch_order(n: int, batch: int, seed: int, lengths: list[int] | None = None)
     return get_length_grouped_indices(lengths, batch, generator=g)
 
 
+def split_eval(name: str, ds, pad_id: int, cfg, accelerator):
+    """A further eval split (Splits.more_eval): a function (model, step) -> its metrics, named NAME_metric."""
+    batches = loader(ds, cfg.train.eval_batch_size, list(range(len(ds))), pad_id, accelerator, False)
+    return lambda model, step: {f"{name}_{k}": v for k, v in evaluate(model, batches, cfg, accelerator).items()}
+
+
 def forgetting_eval(ds, pad_id: int, cfg, accelerator):
     """eval.forgetting_file: a function (model, step) -> the LM loss on general text with the adapter, the base
     model's loss (adapter disabled, measured once), and their difference: what fine-tuning cost elsewhere (PEFT's

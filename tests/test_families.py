@@ -25,7 +25,7 @@ TARGETS = {
     "tiny-bert": {"query", "key", "value", "dense"},
     "tiny-roberta": {"query", "key", "value", "dense"},
     "tiny-deberta-v2": {"query_proj", "key_proj", "value_proj", "dense"},
-    "tiny-modernbert": {"Wqkv", "Wo", "Wi", "dense"},
+    "tiny-modernbert": {"Wqkv", "Wo", "Wi"},  # head.dense is the head's: trained in full
 }
 DECODERS = [n for n in TARGETS if n not in ("tiny-bert", "tiny-roberta", "tiny-deberta-v2", "tiny-modernbert")]
 ENCODERS = [n for n in TARGETS if n not in DECODERS]
@@ -115,12 +115,29 @@ def test_family_trains_merges_reloads_and_runs_every_verb(name, sft_files, tmp_p
     analyzed = analyze.main([str(run), "--base", name, "--no-plots", "--out", str(tmp_path / "an")])
     spectrum = json.loads((analyzed / "spectrum.json").read_text())
     experts = [m for m in spectrum["modules"] if m["kind"] == "expert"]
-    assert spectrum["modules"] and all("base" in m for m in spectrum["modules"] if m["kind"] != "expert")
+    assert spectrum["modules"] and all("base" in m for m in spectrum["modules"])  # experts: W0 is the expert's slice
     if name == "tiny-qwen3-moe":  # each expert's own ΔW, all of them trained: 2 layers x 2 tensors x 4 experts
         assert len(experts) == 16 and all(m["fro_norm"] > 0 for m in experts)
-        assert {m["type"] for m in experts} == {"mlp.experts", "mlp.experts.base_layer"}
+        assert {m["type"] for m in experts} == {"gate_up_proj", "down_proj"}
+        _experts_match_peft(reloaded, run)
     else:
         assert not experts
+
+
+def _experts_match_peft(model, run):
+    """The spectrum's per-expert ΔW_e (spectrum.expert_factors) is peft's own, expert by expert, scale included
+    (gate_up_proj has rank and alpha 2r, 2·alpha through peft's rank/alpha patterns)."""
+    from lorafit.analysis.spectrum import lora_factors, read_adapter
+
+    ours = {f.name: f for f in lora_factors(*read_adapter(run))[0]}
+    wrappers = [(n, m) for n, m in model.named_modules() if getattr(m, "parameter_name", None) in ("gate_up_proj", "down_proj")]
+    assert len(wrappers) == 4
+    for n, m in wrappers:
+        delta = m.get_delta_weight("default").float()
+        container = n.removeprefix("base_model.model.").split(".base_layer")[0]
+        for e in range(m.num_experts):
+            f = ours[f"{container}.{m.parameter_name}.expert{e}"]
+            assert torch.allclose(f.scale * f.B @ f.A, delta[e], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.slow

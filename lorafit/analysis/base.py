@@ -42,15 +42,33 @@ def from_dir(model: str, fan_in_fan_out: bool = False) -> BaseWeights:
             with safe_open(f, "pt") as h:
                 where.update({k: f for k in h.keys()})
 
+    def tensor(key: str):
+        with safe_open(where[key], "pt") as h:
+            return h.get_tensor(key)
+
     def lookup(name: str):
+        name, expert = _expert(name)
+        if expert is not None:  # checkpoints keep the experts apart (transformers 5 fuses them on load, splits on save)
+            container, fused = name.rsplit(".", 1)
+            parts = [_match(f"{container}.{expert}.{p}", where) for p in UNFUSED.get(fused, [fused])]
+            return torch.cat([tensor(k) for k in parts]) if None not in parts else None
         key = _match(name, where)
         if key is None:
             return None
-        with safe_open(where[key], "pt") as h:
-            W = h.get_tensor(key)
+        W = tensor(key)
         return W.T if fan_in_fan_out else W
 
     return lookup
+
+
+UNFUSED = {"gate_up_proj": ["gate_proj", "up_proj"]}  # a fused expert tensor: its checkpoint rows, in order
+
+
+def _expert(name: str) -> tuple[str, int | None]:
+    """`...mlp.experts.gate_up_proj.expert3` (spectrum.expert_factors) -> (`...mlp.experts.gate_up_proj`, 3): the
+    expert's W0 is that slice of the 3-D tensor, in the orientation peft's ΔW has."""
+    head, _, tail = name.rpartition(".")
+    return (head, int(tail[6:])) if tail.startswith("expert") and tail[6:].isdigit() else (name, None)
 
 
 def _match(name: str, keys, tensor: str = "weight") -> str | None:
@@ -74,11 +92,16 @@ def from_model(peft_model, fan_in_fan_out: bool = False) -> BaseWeights:
     """W0 of each adapted layer of an in-memory PeftModel (None where it is quantized)."""
 
     def lookup(name: str):
+        name, expert = _expert(name)
+        container, tensor = name.rsplit(".", 1) if expert is not None else (name, "weight")
         try:
-            layer = peft_model.base_model.model.get_submodule(name)
+            layer = peft_model.base_model.model.get_submodule(container)
         except AttributeError:
             return None
-        W = getattr(getattr(layer, "base_layer", layer), "weight", None)
+        while expert is not None and hasattr(layer, "base_layer"):  # peft nests one wrapper per adapted tensor
+            layer = layer.base_layer
+        W = getattr(getattr(layer, "base_layer", layer), tensor, None)
+        W = W[expert] if W is not None and expert is not None else W
         if W is None or W.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             return None  # a 4-/8-bit weight: analyze with --base on the float checkpoint instead
         W = W.detach().float().cpu()

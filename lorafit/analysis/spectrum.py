@@ -164,11 +164,12 @@ def lora_factors(config: dict, state: dict[str, torch.Tensor]) -> tuple[list[Lor
             skipped.append({"name": name, "reason": "rank 0"})
             continue
         if _is_param_wrapper(config, name):
-            experts = _experts(config, name, A, B)
-            if experts is None:
-                skipped.append({"name": name, "reason": "MoE experts: the base's config (num_experts) is not readable"})
+            found_experts = _experts(config, name, A, B)
+            if found_experts is None:
+                skipped.append({"name": name, "reason": "MoE experts: the base's expert count (config.json) or the "
+                                "rank and alpha of this tensor are not readable"})
                 continue
-            out += expert_factors(name, A.float(), B.float(), experts, _scale(config, name, r // experts))
+            out += expert_factors(A.float(), B.float(), *found_experts)
             continue
         out.append(LoraFactors(name, A.float(), B.float(), _scale(config, name, r), kind,
                                parts.get("lora_magnitude_vector")))
@@ -182,7 +183,12 @@ def _is_param_wrapper(config: dict, name: str) -> bool:
     return bool(params) and name.split(".base_layer")[0].rsplit(".", 1)[-1] == "experts"
 
 
-def _experts(config: dict, name: str, A: torch.Tensor, B: torch.Tensor) -> int | None:
+def _experts(config: dict, name: str, A: torch.Tensor, B: torch.Tensor) -> tuple[int, str, float] | None:
+    """(experts, the tensor's name, scale) of a wrapper's factors. peft keeps no tensor name in the saved keys, so it
+    is the targeted tensor whose configured rank (rank_pattern, as peft 0.21 sets 2r for a fused gate_up_proj) gives
+    the factors' size; its alpha_pattern entry gives the scale. None where the base config or that match is missing."""
+    from peft.utils.other import get_pattern_key
+
     from lorafit.models import resolve
 
     try:
@@ -190,10 +196,23 @@ def _experts(config: dict, name: str, A: torch.Tensor, B: torch.Tensor) -> int |
     except (OSError, ValueError):
         return None
     n = base.get("num_experts") or base.get("num_local_experts")
-    return n if n and A.shape[0] % n == 0 and B.shape[1] == A.shape[0] else None
+    if not n or A.shape[0] % n or B.shape[1] != A.shape[0]:
+        return None
+    container = name.split(".base_layer")[0]
+    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    fits = {}
+    for p in (p for p in config.get("target_parameters") or [] if "." not in p):
+        key = f"{container}.{p}"
+        if ranks.get(get_pattern_key(ranks.keys(), key), config["r"]) == A.shape[0] // n:
+            fits[p] = alphas.get(get_pattern_key(alphas.keys(), key), config["lora_alpha"])
+    if len(set(fits.values())) != 1:
+        return None
+    r, alpha = A.shape[0] // n, next(iter(fits.values()))
+    label = f"{container}.{next(iter(fits))}" if len(fits) == 1 else name  # equal ranks and alphas: the wrapper's name
+    return n, label, alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
-def expert_factors(name: str, A: torch.Tensor, B: torch.Tensor, experts: int, scale: float) -> list[LoraFactors]:
+def expert_factors(A: torch.Tensor, B: torch.Tensor, experts: int, name: str, scale: float) -> list[LoraFactors]:
     """Each expert's own (A_e, B_e), so its ΔW_e = s·B_e·A_e is analysed apart: peft (lora.ParamWrapper) stacks A
     expert-major ((E·r) × in, rows e·r..e·r+r-1) and B expert-minor (out × (r·E), columns j·E + e)."""
     r = A.shape[0] // experts
@@ -206,10 +225,11 @@ def _natural_key(name: str):
 
 
 def module_type(name: str) -> str:
-    """The module's own name (query, q_proj, ...): what the report groups by; an expert, by its container."""
-    if (tail := name.rsplit(".", 1)[-1]).startswith("expert") and tail[6:].isdigit():
-        return name.split(".experts", 1)[0].rsplit(".", 1)[-1] + ".experts" + name.split(".experts", 1)[1].rsplit(".", 1)[0]
-    return tail
+    """The module's own name (query, q_proj, ...): what the report groups by; an expert, by its tensor."""
+    parts = name.split(".")
+    if parts[-1].startswith("expert") and parts[-1][6:].isdigit():  # ...mlp.experts.gate_up_proj.expert3
+        return parts[-2]
+    return parts[-1]
 
 
 def layer_index(name: str) -> int | None:
