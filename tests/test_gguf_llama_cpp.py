@@ -1,0 +1,91 @@
+"""GGUF checked by its real consumer: llama.cpp itself (llama-cpp-python, built from source by `make install`).
+
+For each decoder family the exporter writes (lorafit.export.GGUF_FAMILIES), a short LoRA run's merged model is
+exported as f16 and q8_0; llama.cpp must tokenize a text as the HF tokenizer does, give the merged HF model's
+logits on it (relative to the largest logit: 1e-2 for f16, 6e-2 for q8_0), and render the chat template as the
+tokenizer does for SFT. The text is longer than twice the tiny models' sliding window (16), so Gemma's local
+layers are exercised."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import CLS_EVAL, CLS_TRAIN, run_inprocess
+
+FAMILIES = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma2", "tiny-gemma3", "tiny-phi3"]
+# q8_0: llama.cpp quantizes the activations to 8 bits too (its q8_0 x q8_0 dot products), not just the weights;
+# measured 2026-12-04 on the tiny families (64 tokens): q8_0 2.0-4.3% (Qwen2 the most), f16 0.07-0.16%.
+BOUNDS = {"f16": 1e-2, "q8_0": 6e-2}
+TEXT = ("Shares in the bank rose after profits beat forecasts, while the striker scored twice in the final and the "
+        "software maker said its new chip would ship in phones next year; the market was calm.")
+
+
+@pytest.fixture(scope="module")
+def merged_dirs(tmp_path_factory):
+    """family -> its merged dir holding model-f16.gguf (the merge hook) and model-q8_0.gguf (lorafit.merge)."""
+    from lorafit import merge
+
+    done = {}
+
+    def get(name: str):
+        if name not in done:
+            root = tmp_path_factory.mktemp(name)
+            run_dir, summary = run_inprocess(root, f"model={name}", "train.mixed_precision=no", "data=files",
+                                             f"data.train_file={CLS_TRAIN}", f"data.eval_file={CLS_EVAL}",
+                                             "data.max_length=48", "lora.target_modules=all-linear", "train.lr=1e-2",
+                                             "train.max_steps=4", "train.eval_every=0", "hooks=[save_adapter,merge]",
+                                             "hooks.merge.gguf=f16")
+            assert summary["merge"]["gguf"]["type"] == "f16"
+            merge.main([str(run_dir), "--out", str(root / "q8"), "--gguf", "q8_0"])
+            (run_dir / "merged" / "model-q8_0.gguf").symlink_to(root / "q8" / "model-q8_0.gguf")
+            done[name] = run_dir / "merged"
+        return done[name]
+
+    return get
+
+
+def llama_cpp_logits(path, ids: list[int]) -> tuple[np.ndarray, list[int], dict]:
+    """llama.cpp's logits for `ids`, its own tokenization of TEXT (BOS as the file says), and the file's metadata."""
+    from llama_cpp import Llama
+
+    llm = Llama(str(path), logits_all=True, n_ctx=256, n_threads=2, verbose=False)
+    try:
+        own = llm.tokenize(TEXT.encode(), add_bos=llm.metadata.get("tokenizer.ggml.add_bos_token") == "true",
+                           special=False)
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)]), own, dict(llm.metadata)
+    finally:
+        llm.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("qtype", list(BOUNDS))
+@pytest.mark.parametrize("name", FAMILIES)
+def test_llama_cpp_runs_the_gguf_as_the_merged_model(name, qtype, merged_dirs):
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged = merged_dirs(name)
+    tok = AutoTokenizer.from_pretrained(merged)
+    ids = tok(TEXT)["input_ids"]
+    assert len(ids) > 2 * 16
+    got, own, meta = llama_cpp_logits(merged / f"model-{qtype}.gguf", ids)
+    assert own == ids  # llama.cpp's tokenizer: the same ids, BOS included
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(merged).eval()(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(got - ref).max() / np.abs(ref).max() <= BOUNDS[qtype]
+    messages = [{"role": "user", "content": "Which topic?"}, {"role": "assistant", "content": "sport"},
+                {"role": "user", "content": "And this one?"}]
+    rendered = Jinja2ChatFormatter(meta["tokenizer.chat_template"], eos_token=tok.eos_token, bos_token=tok.bos_token)
+    assert rendered(messages=messages).prompt == tok.apply_chat_template(messages, tokenize=False,
+                                                                         add_generation_prompt=True)
+
+
+def test_gguf_refuses_an_moe_in_one_line(tmp_path):
+    from lorafit.errors import UserError
+    from lorafit.export import to_gguf
+    from lorafit.models import resolve
+
+    with pytest.raises(UserError, match="'qwen3_moe'.*convert_hf_to_gguf.py"):
+        to_gguf(resolve("tiny-qwen3-moe"))
