@@ -1,25 +1,29 @@
-"""A merged Llama, Mistral, Qwen2 or Qwen3 model -> one GGUF file for llama.cpp and Ollama
-(`lorafit.merge ... --gguf f16|q8_0`).
+"""GGUF files for llama.cpp and Ollama: a merged model (`lorafit.merge ... --gguf f16|q8_0`, or
+`python -m lorafit.export MODEL_DIR --out model.gguf`), and a trained adapter as a GGUF LoRA for llama.cpp's `--lora`
+over the base's own GGUF (`python -m lorafit.export RUN --out adapter.gguf`).
 
-Written with the `gguf` package (llama.cpp's own writer and tensor-name map), the way llama.cpp's converter
-(convert_hf_to_gguf.py) writes these families: Llama and Mistral (llama.cpp's "llama" architecture) with the q/k
-projections permuted to its rotary layout, Qwen2 (q/k/v biases) and Qwen3 (q/k RMSNorms) unpermuted; norms in fp32,
-a tied lm_head left out (llama.cpp then reuses the token embeddings), the byte-level BPE vocab with merges, special ids
-and the chat template. tests/test_gguf_llama_cpp.py runs each family's file in llama.cpp itself (llama-cpp-python)
-and compares its tokens and logits with the merged model's. Only what has been run is accepted: these families with
-default RoPE, no sliding window, and a byte-level BPE tokenizer whose pre-tokenizer llama.cpp is known to share.
-Gemma 2/3 (norm offset, soft-capping, sliding window) and Phi-3 (fused qkv) are refused: use llama.cpp's converter.
+Written with the `gguf` package (llama.cpp's own writer and tensor-name map), the way llama.cpp's converters
+(convert_hf_to_gguf.py, convert_lora_to_gguf.py) write these families: Llama and Mistral (llama.cpp's "llama"
+architecture) with q/k permuted to its rotary layout; Qwen2 (q/k/v biases), Qwen3 (q/k RMSNorms), Gemma 2 and 3 (norms
+stored as 1 + w, soft-capping, the sliding-window layer pattern) and Phi-3 (fused qkv and gate_up) in HF's layout;
+norms in fp32, a tied lm_head left out (llama.cpp then reuses the token embeddings), the byte-level BPE vocab with
+merges, special ids and the chat template. tests/test_gguf_llama_cpp.py runs every family's files in llama.cpp itself
+(llama-cpp-python) against the merged HF model: tokens, logits (f16, q8_0, base + LoRA) and the chat template. Only
+what has been run is accepted: these families with default RoPE and a byte-level BPE tokenizer whose pre-tokenizer
+llama.cpp is known to share; anything else (MoE, SentencePiece vocabs, RoPE scaling) is refused in one line.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from hashlib import sha256
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from lorafit.cli import quiet_libraries, user_errors_as_one_line
 from lorafit.errors import UserError
 
 GGUF_TYPES = ("f16", "q8_0")  # config.GgufType
@@ -43,9 +47,9 @@ PRE_TOKENIZER_PROBE = ("\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n\U0001f
 PRE_TOKENIZERS = {"855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm"}
 
 
-def to_gguf(model_dir: Path, qtype: str = "f16") -> dict:
-    """Write the HF model in `model_dir` as model_dir/model-QTYPE.gguf (`qtype` for 2-D weights); return what was
-    written."""
+def to_gguf(model_dir: Path, qtype: str = "f16", out_file: Path | None = None) -> dict:
+    """Write the HF model in `model_dir` as `out_file` (default model_dir/model-QTYPE.gguf), `qtype` for 2-D weights;
+    return what was written."""
     import gguf
     from safetensors import safe_open
     from transformers import AutoConfig, AutoTokenizer
@@ -68,10 +72,10 @@ def to_gguf(model_dir: Path, qtype: str = "f16") -> dict:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
     qt = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[qtype]
 
-    out_file = Path(model_dir) / f"model-{qtype}.gguf"
+    out_file = Path(out_file or Path(model_dir) / f"model-{qtype}.gguf")
     tmp = out_file.with_name(f".{out_file.name}.tmp")  # renamed into place once complete
     writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
-    writer.add_name(Path(model_dir).name)
+    writer.add_name(_name(Path(model_dir).name, tokenizer.get_vocab()))
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -157,6 +161,15 @@ def _family_keys(writer, config, model_dir: Path, head_dim: int) -> None:
         raise refuse(f"uses sliding-window attention ({window})")
 
 
+def _name(name: str, vocab: dict) -> str:
+    """general.name. llama.cpp sets Phi-3's special-token attributes by the model's name: a name holding "phi3" or
+    "phi-3" makes its loader look up </s>, <unk>, <s> and <|endoftext|> and fail ("unordered_map::at") on a vocab
+    without one of them, so such a vocab gets the name without the "3"."""
+    if re.search("phi-?3", name, re.I) and not {"</s>", "<unk>", "<s>", "<|endoftext|>"} <= vocab.keys():
+        return re.sub("phi-?3", "phi", name, flags=re.I)
+    return name
+
+
 def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
     """HF's rotary layout (the two halves of each head) -> llama.cpp's (interleaved pairs), as its converter does."""
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -216,3 +229,95 @@ def _vocab(writer, tokenizer, model_dir: Path, n_vocab: int) -> str:
         special.chat_template = tokenizer.chat_template
     special.add_to_gguf(writer)
     return pre
+
+
+def lora_to_gguf(adapter: Path, out_file: Path, base: str | None = None) -> dict:
+    """A trained adapter -> a GGUF LoRA adapter for llama.cpp's `--lora` over the base's own GGUF, written as
+    convert_lora_to_gguf.py writes one: general.type adapter, each targeted weight's `NAME.lora_a` (r × in) and
+    `NAME.lora_b` (out × r) under the base tensor's llama.cpp name, B's rows permuted as the base's q/k rows are.
+    llama.cpp scales a pair by alpha / r with one alpha per file; each module's own scale (rank_pattern,
+    alpha_pattern, rsLoRA) is folded into its B instead, and adapter.lora.alpha is 0, which llama.cpp reads as
+    scale 1 (times the user's --lora-scaled)."""
+    import gguf
+    from transformers import AutoConfig
+
+    from lorafit.analysis.spectrum import adapter_dir, lora_factors, read_adapter
+    from lorafit.models import resolve
+
+    adapter = adapter_dir(adapter)
+    config, state = read_adapter(adapter)
+    factors, skipped = lora_factors(config, state)
+    odd = sorted({f.name for f in factors if f.kind != "linear" or f.magnitude is not None} | {s["name"] for s in skipped})
+    if odd or config.get("modules_to_save") or config.get("use_dora"):
+        raise UserError(f"--gguf-lora writes plain LoRA on Linear layers; {adapter} also has "
+                        f"{odd[:3] or config.get('modules_to_save') or 'DoRA'}: merge it instead (lorafit.merge --gguf)")
+    base = base or config.get("base_model_name_or_path")
+    try:
+        model_config = AutoConfig.from_pretrained(resolve(base))
+    except (OSError, ValueError, TypeError):
+        raise UserError(f"--gguf-lora: the base {base!r} has no readable config.json; pass --base") from None
+    archs = _archs()
+    if model_config.model_type not in archs:
+        raise UserError(f"--gguf-lora writes adapters of {', '.join(archs)} models; {base} is {model_config.model_type!r}")
+    arch, permute = archs[model_config.model_type]
+    names = gguf.get_tensor_name_map(arch, model_config.num_hidden_layers)
+    heads = {"q_proj": model_config.num_attention_heads, "k_proj": model_config.num_key_value_heads}
+
+    out_file = Path(out_file)
+    tmp = out_file.with_name(f".{out_file.name}.tmp")
+    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 0.0)  # scales folded into B (see above)
+    for f in factors:
+        name = names.get_name(f.name.removeprefix("base_model.model.") + ".weight", try_suffixes=(".weight",))
+        if name is None:
+            raise UserError(f"--gguf-lora: module {f.name!r} has no llama.cpp tensor name")
+        B = f.scale * f.B
+        if permute and f.name.rsplit(".", 1)[-1] in heads:
+            B = _permute(B, heads[f.name.rsplit(".", 1)[-1]])
+        writer.add_tensor(f"{name}.lora_a", f.A.float().contiguous().numpy())
+        writer.add_tensor(f"{name}.lora_b", B.float().contiguous().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tmp.replace(out_file)
+    return {"file": str(out_file), "modules": len(factors), "bytes": out_file.stat().st_size}
+
+
+def parse_args(argv=None):
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m lorafit.export", description="Write GGUF files for llama.cpp.")
+    p.add_argument("path", help="a lorafit run dir or PEFT adapter dir (a GGUF LoRA adapter), or a model dir")
+    p.add_argument("--out", type=Path, required=True, help="the .gguf file to write")
+    p.add_argument("--type", choices=GGUF_TYPES, default="f16", help="a model dir's matrices: f16 or q8_0")
+    p.add_argument("--base", help="an adapter's base (default: its base_model_name_or_path)")
+    return p.parse_args(argv)
+
+
+@user_errors_as_one_line
+def main(argv=None) -> dict:
+    """`python -m lorafit.export RUN --out adapter.gguf`: the adapter for `llama-cli -m base.gguf --lora adapter.gguf`;
+    `python -m lorafit.export MODEL_DIR --out base.gguf`: a model dir (the base, or a merged model) as one GGUF."""
+    from lorafit.analysis.spectrum import adapter_dir
+
+    quiet_libraries()
+    args = parse_args(argv)
+    path = Path(args.path)
+    if args.out.exists():
+        raise UserError(f"--out {args.out} exists; lorafit does not overwrite it: remove it or choose another name")
+    if (adapter_dir(path) / "adapter_config.json").is_file():
+        report = lora_to_gguf(path, args.out, args.base)
+        print(f"wrote a GGUF LoRA adapter ({report['modules']} modules, {report['bytes']:,} bytes): {args.out}")
+        return report
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path}: neither an adapter (adapter_config.json) nor a model dir (config.json)")
+    report = to_gguf(path, args.type, args.out)
+    print(f"wrote {args.out} ({args.type}, {report['bytes']:,} bytes)")
+    return report
+
+
+if __name__ == "__main__":
+    main()

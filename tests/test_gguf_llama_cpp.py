@@ -89,3 +89,59 @@ def test_gguf_refuses_an_moe_in_one_line(tmp_path):
 
     with pytest.raises(UserError, match="'qwen3_moe'.*convert_hf_to_gguf.py"):
         to_gguf(resolve("tiny-qwen3-moe"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAMILIES)
+def test_llama_cpp_applies_the_gguf_lora_over_the_base_gguf(name, merged_dirs, tmp_path):
+    """`lorafit.export RUN` and `lorafit.export BASE_DIR`: llama.cpp with `--lora` gives the merged model's logits,
+    and the adapter moves them by more than the bound (it is applied, not ignored)."""
+    from llama_cpp import Llama
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorafit import export
+    from lorafit.models import resolve
+
+    merged = merged_dirs(name)
+    export.main([resolve(name), "--out", str(tmp_path / "base.gguf")])
+    report = export.main([str(merged.parent), "--out", str(tmp_path / "adapter.gguf")])
+    assert report["modules"] > 0
+    ids = AutoTokenizer.from_pretrained(merged)(TEXT)["input_ids"]
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(merged).eval()(torch.tensor([ids])).logits[0].numpy()
+    base, _, _ = llama_cpp_logits(tmp_path / "base.gguf", ids)
+    llm = Llama(str(tmp_path / "base.gguf"), lora_path=str(tmp_path / "adapter.gguf"), logits_all=True, n_ctx=256,
+                n_threads=2, verbose=False)
+    try:
+        llm.eval(ids)
+        got = np.array(llm.scores[: len(ids)])
+    finally:
+        llm.close()
+    scale = np.abs(ref).max()
+    assert np.abs(base - ref).max() / scale > 5 * BOUNDS["f16"]
+    assert np.abs(got - ref).max() / scale <= BOUNDS["f16"]
+
+
+def test_export_refuses_to_overwrite(tmp_path):
+    from lorafit import export
+    from lorafit.models import resolve
+
+    out = tmp_path / "x.gguf"
+    out.write_text("mine")
+    with pytest.raises(SystemExit):
+        export.main([resolve("tiny-llama"), "--out", str(out)])
+    assert out.read_text() == "mine"
+
+
+def test_gguf_lora_refuses_what_llama_cpp_cannot_apply(tmp_path, capsys):
+    """A classifier's adapter trains its head in full (modules_to_save): a GGUF LoRA cannot carry it, so it is refused
+    in one line and nothing is written."""
+    from lorafit import export
+
+    run_dir, _ = run_inprocess(tmp_path, "model=tiny-llama", "model.task=seq_cls", "train.mixed_precision=no", "data=files",
+                               f"data.train_file={CLS_TRAIN}", f"data.eval_file={CLS_EVAL}", "data.max_length=32",
+                               "lora.target_modules=[q_proj,v_proj]", "train.max_steps=1", "train.eval_every=0", "hooks=[save_adapter]")
+    with pytest.raises(SystemExit):
+        export.main([str(run_dir), "--out", str(tmp_path / "a.gguf")])
+    assert "score" in capsys.readouterr().err.splitlines()[-1]  # the head it would drop
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.tmp"))
