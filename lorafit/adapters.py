@@ -9,7 +9,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from lorafit.errors import UserError
-from lorafit.models import HEAD_NAMES, linear_modules, meta_model
+from lorafit.models import HEAD_NAMES, linear_modules, meta_model, routed_experts
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,68 @@ def peft_config(cfg, model=None):
         task_type=TaskType.SEQ_CLS if cfg.model.task == "seq_cls" else TaskType.CAUSAL_LM,
         modules_to_save=list(dict.fromkeys(to_save)) or None,
         use_rslora=lo.use_rslora, use_dora=lo.use_dora, init_lora_weights=PEFT_INIT[lo.init],
-        rank_pattern=OmegaConf.to_container(lo.rank_pattern) if lo.rank_pattern else {},
-        alpha_pattern=OmegaConf.to_container(lo.alpha_pattern) if lo.alpha_pattern else {},
+        rank_pattern={**(OmegaConf.to_container(lo.rank_pattern) if lo.rank_pattern else {}), **_expert_ranks(lo)[0]},
+        alpha_pattern={**(OmegaConf.to_container(lo.alpha_pattern) if lo.alpha_pattern else {}), **_expert_ranks(lo)[1]},
+        target_parameters=list(lo.target_parameters) if lo.target_parameters else None,
     )
+
+
+# Patterns for lora.r_expert: peft matches each against a tensor's path (model.layers.0.mlp.experts.gate_up_proj)
+# and takes the first that matches. The fused gate_up_proj (an expert's gate and up projections in one tensor) holds
+# two projections; the other never matches it, since a saved adapter_config.json has its patterns sorted. The
+# router (mlp.gate) is no expert and keeps lora.r. PEFT_FUSED is the pattern peft's all-linear adds itself (2r);
+# ours sorts before it, so r_expert wins at training and at every reload alike.
+EXPERT_FUSED, EXPERT_OTHER, PEFT_FUSED = r".*\.experts\.gate_up_proj", r".*\.experts\.(?!gate_up_proj$)[^.]+", r".*\.gate_up_proj"
+
+
+def _expert_ranks(lo) -> tuple[dict, dict]:
+    """rank_pattern and alpha_pattern entries for lora.r_expert; alpha follows the rank, so the scale stays alpha / r."""
+    if lo.r_expert is None:
+        return {}, {}
+    ranks = {EXPERT_FUSED: 2 * lo.r_expert, EXPERT_OTHER: lo.r_expert}
+    return ranks, {k: lo.alpha * v / lo.r for k, v in ranks.items()}
+
+
+def _say_which_experts_train(model, cfg) -> None:
+    if not routed_experts(model.config):
+        return
+    found = expert_adapters(model, cfg)
+    if found:
+        log.info("MoE: LoRA on %d expert tensors, e.g. %s", len(found), found[0])
+    else:
+        log.warning("MoE: no expert of %s has a LoRA adapter (lora.target_modules=%s reaches none of the 3-D expert "
+                    "tensors): add lora.target_parameters=[mlp.experts.gate_up_proj, mlp.experts.down_proj] or use "
+                    "all-linear", cfg.model.name, cfg.lora.target_modules)
+
+
+def expert_adapters(model, cfg) -> list[str]:
+    """Each MoE expert tensor that holds a LoRA adapter, as `path (E experts x rank r)`, after checking that its
+    factors hold every expert at the rank asked; [] for a dense model. A rank that does not fit is an error, and so
+    is lora.r_expert or target_parameters on a model whose experts got no adapter: a silent no-op on the experts
+    (LoRA on attention only while the config says otherwise) is the failure this guards against."""
+    from peft.tuners.lora import ParamWrapper
+    from peft.utils.other import get_pattern_key
+
+    experts = routed_experts(model.config)
+    pc = model.peft_config["default"] if hasattr(model, "peft_config") else None
+    found = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, ParamWrapper) or "default" not in mod.lora_A:
+            continue
+        path = f"{name.split('.base_layer')[0].removeprefix('base_model.model.')}.{mod.parameter_name}"
+        if mod.get_param().ndim != 3:  # the router, or a 2-D parameter
+            continue
+        want = pc.rank_pattern.get(get_pattern_key(pc.rank_pattern.keys(), path), pc.r)
+        got = mod.lora_A["default"].weight.shape[0]
+        if got != experts * want:
+            raise UserError(f"{path}: peft gave its experts LoRA factors of {got} rows, not {experts} experts x rank "
+                            f"{want}; this model's expert layout is not one lorafit has checked")
+        found.append(f"{path} ({experts} experts x rank {want})")
+    if not found and (cfg.lora.r_expert is not None or cfg.lora.target_parameters) and cfg.lora.method == "lora":
+        raise UserError(f"lora.r_expert / lora.target_parameters are set, but no expert tensor of {cfg.model.name} "
+                        "got an adapter: name its 3-D expert parameters (e.g. mlp.experts.gate_up_proj) in "
+                        "lora.target_parameters")
+    return found
 
 
 def check_targets(cfg) -> list[str]:
@@ -50,7 +109,7 @@ def check_targets(cfg) -> list[str]:
     from dataclasses import replace
 
     from peft import inject_adapter_in_model
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer, ParamWrapper
     from peft.tuners.tuners_utils import check_target_module_exists
 
     try:
@@ -71,6 +130,13 @@ def check_targets(cfg) -> list[str]:
         inject_adapter_in_model(config, skeleton)
     except ValueError:  # peft's NoMatchingPeftModuleError
         return [f"lora.target_modules={tm!r} matches no Linear module; this model has: {names}"]
+    wrapped = [f"{n.split('.base_layer')[0]}.{m.parameter_name}" for n, m in skeleton.named_modules()
+               if isinstance(m, ParamWrapper)]
+    unmatched = [t for t in cfg.lora.target_parameters or [] if not any(w == t or w.endswith(f".{t}") for w in wrapped)]
+    if unmatched:  # peft only warns when target_modules matched something
+        tensors = sorted({n.split(".", 3)[-1] for n, p in skeleton.named_parameters() if p.ndim == 3})
+        return [f"lora.target_parameters: {', '.join(map(repr, unmatched))} match no parameter of {cfg.model.name}; "
+                f"its 3-D (expert) parameters: {', '.join(tensors) or 'none'}"]
     # peft's all-linear lists a head's own Linears (RoBERTa's classifier.out_proj), but a head in modules_to_save
     # trains in full and gets no LoRA: its sizes do not bound lora.r
     heads = tuple(config.modules_to_save or ())
@@ -92,7 +158,9 @@ def attach_lora(model, cfg):
     from peft import PeftModel, get_peft_model
 
     if cfg.lora.init_from is None:
-        return get_peft_model(model, peft_config(cfg, model))
+        model = get_peft_model(model, peft_config(cfg, model))
+        _say_which_experts_train(model, cfg)
+        return model
     path = init_from_dir(cfg.lora.init_from)
     try:
         model = PeftModel.from_pretrained(model, str(path), is_trainable=True)

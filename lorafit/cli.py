@@ -30,6 +30,7 @@ def quiet_libraries() -> None:
     (truncation, bad data) come from lorafit's own logger. Every CLI's main() calls this first."""
     import logging
     import os
+    import re
     import warnings
 
     import transformers
@@ -55,8 +56,14 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
     # peft 0.21 maps all-linear on a transformers-5 MoE to the fused expert tensors, with rank and alpha 2r, 2·alpha
     # for gate_up_proj (two projections in one), then warns that its own pattern matches no *module*: it matches the
-    # parameter, as intended (tests/test_families.py checks every expert's ΔW against peft's).
-    warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys .*\['\.\*\\\\\.gate_up_proj'\]",
+    # parameter, as intended (tests/test_families.py checks every expert's ΔW against peft's). So do lora.r_expert's.
+    from lorafit.adapters import EXPERT_FUSED, EXPERT_OTHER, PEFT_FUSED
+
+    keys = "|".join(re.escape(repr(k)) for k in (EXPERT_FUSED, EXPERT_OTHER, PEFT_FUSED))
+    warnings.filterwarnings("ignore", category=RuntimeWarning, message=r"The following (rank|alpha)_pattern keys did "
+                            rf"not match any targeted module and were ignored: \[(({keys})(, )?)+\]")
+    # ... and where lora.target_parameters matches nothing, config validation says so in one line (adapters.check_targets)
+    warnings.filterwarnings("ignore", message=r"target_parameters=.* were set but no parameter was matched",
                             category=RuntimeWarning)
 
 

@@ -121,6 +121,14 @@ class LoraConfig:
     lr_ratio: Optional[float] = None  # LoRA+: lr of B = lr_ratio * lr of A
     rank_pattern: Dict[str, int] = field(default_factory=dict)
     alpha_pattern: Dict[str, float] = field(default_factory=dict)
+    # MoE experts: transformers 5 keeps each layer's experts as one 3-D tensor, which target_modules cannot reach.
+    # peft's target_parameters can, e.g. [mlp.experts.gate_up_proj, mlp.experts.down_proj]; all-linear on an MoE
+    # adds them itself (peft). The run checks that each targeted tensor holds an adapter for every expert.
+    target_parameters: Optional[List[str]] = None
+    # each expert's rank in those tensors (default lora.r, as peft). A budget such as max(1, r // num_experts) keeps
+    # all experts together at one dense layer's size. The fused gate_up_proj gets 2 * r_expert, as peft's all-linear
+    # gives it 2r; the scale alpha / r is kept.
+    r_expert: Optional[int] = None
     # Start from a trained adapter (a lorafit run dir or any PEFT adapter dir): its rank, alpha and targets replace
     # the keys above. A preference objective's reference is then that adapter, frozen (SFT -> DPO).
     init_from: Optional[str] = None
@@ -376,6 +384,9 @@ def validate(cfg) -> None:
         errors.append(f"model.dropout={m.dropout} must be in [0, 1) (or null to keep the checkpoint's)")
     if lo.lr_ratio is not None and lo.lr_ratio <= 0:
         errors.append(f"lora.lr_ratio={lo.lr_ratio} must be > 0 (or null to turn LoRA+ off)")
+    if lo.r_expert is not None and (isinstance(lo.r_expert, bool) or not isinstance(lo.r_expert, int) or lo.r_expert <= 0
+                                    or lo.r == "auto"):
+        errors.append(f"lora.r_expert={lo.r_expert} must be a positive integer, with an integer lora.r (is {lo.r})")
     for k, v in (lo.rank_pattern or {}).items():
         if v <= 0:
             errors.append(f"lora.rank_pattern.{k}={v} must be a positive integer")

@@ -68,11 +68,6 @@ def merge_base(cfg, labels, dtype: str):
     return build_model(float_cfg, labels, quantize=True).dequantize().to(DTYPES[MERGE_DTYPES[dtype]])
 
 
-def routed_experts(config) -> int:
-    """How many experts an MoE routes each layer's tokens among (0: a dense model)."""
-    return getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None) or 0
-
-
 def trained_precision(cfg) -> str:
     """The lowest precision the trained model computes in outside autocast (see `logits`): its weights' dtype, or a
     QLoRA base's compute dtype. The merge can match it only to that precision."""
@@ -136,6 +131,8 @@ def merge_and_verify(base_model, adapter_dirs: list[Path], out_dir: Path, probe:
                         f"{report['max_abs_diff_merged_vs_unmerged']:.3g} > {report['tolerance']:.3g}; nothing was saved")
     if reference is not None:
         report["max_abs_diff_merged_vs_trained"] = max_diff(merged, logits(reference, probe))
+        from lorafit.models import routed_experts
+
         precision = trained_precision(cfg)
         if routed_experts(base_model.config) and precision != "fp32":
             # An MoE's top-k router turns rounding into other experts: tiny-qwen3-moe's base alone, nf4 computing in

@@ -56,6 +56,11 @@ def _materialize(name: str, build) -> Path:
     return out
 
 
+def routed_experts(config) -> int:
+    """How many experts an MoE routes each layer's tokens among (0: a dense model)."""
+    return getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None) or 0
+
+
 def resolve(name: str) -> str:
     """Map model.name to something `from_pretrained` accepts: a local dir or a hub id."""
     if name == "minilm-l6":

@@ -148,3 +148,54 @@ def test_decoder_family_qlora_nf4_trains_and_merges(name, sft_files, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["merge"]["max_abs_diff_merged_vs_unmerged"] < 1e-2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("targets", [
+    ["lora.target_modules=[q_proj]", "lora.target_parameters=[mlp.experts.gate_up_proj,mlp.experts.down_proj]"],
+    ["lora.target_modules=[q_proj]", "lora.target_parameters=[mlp.experts.gate_up_proj,mlp.experts.down_proj]",
+     "lora.r_expert=1"],
+    ["lora.target_modules=all-linear", "lora.r_expert=1"],
+], ids=["target_parameters", "r_expert", "all-linear+r_expert"])
+def test_moe_experts_get_the_rank_asked_and_every_expert_trains(targets, sft_files, tmp_path):
+    """lora.target_parameters and lora.r_expert on tiny-qwen3-moe: each expert tensor holds factors for all 4 experts
+    at the rank asked (gate_up_proj, fused, at 2·r_expert), every expert's ΔW is nonzero after training, the merge is
+    exact, and the spectrum's per-expert ΔW is peft's own, scale included."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.models import resolve
+
+    run = tmp_path / "run"  # 6 steps: at 4, layer 1's frozen router had sent expert 2 no token yet (its ΔW still 0)
+    out = run_cli(*_args("tiny-qwen3-moe", sft_files), *targets, "train.max_steps=6", "hooks=[save_adapter,merge]",
+                  f"hydra.run.dir={run}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "MoE: LoRA on 4 expert tensors" in out.stdout + out.stderr
+    assert "RuntimeWarning" not in out.stderr
+    assert json.loads((run / "summary.json").read_text())["merge"]["max_abs_diff_merged_vs_unmerged"] < 1e-4
+    r_expert = 1 if "lora.r_expert=1" in targets else 4
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(resolve("tiny-qwen3-moe")), run / "adapter")
+    ranks = {}
+    for n, m in model.named_modules():
+        if getattr(m, "parameter_name", None) in ("gate_up_proj", "down_proj"):
+            ranks[m.parameter_name] = m.lora_A["default"].weight.shape[0] // m.num_experts
+            assert all(d.abs().sum() > 0 for d in m.get_delta_weight("default"))  # every expert trained
+    fused = 2 * r_expert if "lora.r_expert=1" in targets or "all-linear" in targets[0] else r_expert
+    assert ranks == {"gate_up_proj": fused, "down_proj": r_expert}
+    _experts_match_peft(model, run)
+
+
+def test_moe_without_expert_targets_says_so(sft_files, tmp_path):
+    """LoRA on attention only, on an MoE: a warning names it (the silent no-op on experts), and target_parameters
+    that match nothing are refused in one line."""
+    out = run_cli(*_args("tiny-qwen3-moe", sft_files), "lora.target_modules=[q_proj,v_proj]", "train.max_steps=1",
+                  "hooks=[]", f"hydra.run.dir={tmp_path / 'a'}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "MoE: no expert of tiny-qwen3-moe has a LoRA adapter" in out.stdout + out.stderr
+    out = run_cli(*_args("tiny-qwen3-moe", sft_files), "lora.target_modules=[q_proj]",
+                  "lora.target_parameters=[mlp.experts.w1]", "train.max_steps=1", f"hydra.run.dir={tmp_path / 'b'}")
+    assert out.returncode == 2
+    assert "'mlp.experts.w1' match no parameter of tiny-qwen3-moe; its 3-D (expert) parameters: " \
+           "mlp.experts.down_proj, mlp.experts.gate_up_proj" in out.stderr
+    assert "Traceback" not in out.stderr  # refused before the model loads: only Hydra's own bookkeeping is written
+    assert {p.name for p in (tmp_path / "b").iterdir()} <= {".hydra", "__main__.log"}

@@ -179,14 +179,16 @@ def lora_factors(config: dict, state: dict[str, torch.Tensor]) -> tuple[list[Lor
 def _is_param_wrapper(config: dict, name: str) -> bool:
     """peft's LoRA on a 3-D parameter (target_parameters): the wrapped module is the experts container, whose
     factors stack one rank-r pair per expert (peft nests one wrapper per parameter: experts, experts.base_layer)."""
-    params = [p for p in config.get("target_parameters") or [] if "." not in p]  # e.g. gate_up_proj, down_proj
-    return bool(params) and name.split(".base_layer")[0].rsplit(".", 1)[-1] == "experts"
+    # e.g. gate_up_proj, down_proj (peft's all-linear), or mlp.experts.gate_up_proj (lora.target_parameters)
+    return bool(config.get("target_parameters")) and name.split(".base_layer")[0].rsplit(".", 1)[-1] == "experts"
 
 
 def _experts(config: dict, name: str, A: torch.Tensor, B: torch.Tensor) -> tuple[int, str, float] | None:
     """(experts, the tensor's name, scale) of a wrapper's factors. peft keeps no tensor name in the saved keys, so it
-    is the targeted tensor whose configured rank (rank_pattern, as peft 0.21 sets 2r for a fused gate_up_proj) gives
-    the factors' size; its alpha_pattern entry gives the scale. None where the base config or that match is missing."""
+    is the targeted tensor whose configured rank (rank_pattern: lora.r_expert, or the 2r peft 0.21 sets for a fused
+    gate_up_proj) gives the factors' size, and where ranks tie, whose shape fits (gate_up_proj: hidden -> 2 x the
+    expert width; down_proj: back); its alpha_pattern entry gives the scale. None where the base config or a unique
+    match is missing."""
     from peft.utils.other import get_pattern_key
 
     from lorafit.models import resolve
@@ -200,11 +202,15 @@ def _experts(config: dict, name: str, A: torch.Tensor, B: torch.Tensor) -> tuple
         return None
     container = name.split(".base_layer")[0]
     ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    hidden, width = base.get("hidden_size"), base.get("moe_intermediate_size") or base.get("intermediate_size")
+    shapes = {"gate_up_proj": (2 * width, hidden), "down_proj": (hidden, width)} if hidden and width else {}
     fits = {}
-    for p in (p for p in config.get("target_parameters") or [] if "." not in p):
+    for p in {p.rsplit(".", 1)[-1] for p in config.get("target_parameters") or []}:
         key = f"{container}.{p}"
         if ranks.get(get_pattern_key(ranks.keys(), key), config["r"]) == A.shape[0] // n:
             fits[p] = alphas.get(get_pattern_key(alphas.keys(), key), config["lora_alpha"])
+    if len(fits) > 1:
+        fits = {p: a for p, a in fits.items() if shapes.get(p) == (B.shape[0], A.shape[1])} or fits
     if len(set(fits.values())) != 1:
         return None
     r, alpha = A.shape[0] // n, next(iter(fits.values()))
