@@ -103,9 +103,10 @@ def expert_adapters(model, cfg) -> list[str]:
     return found
 
 
-def check_targets(cfg) -> list[str]:
+def check_targets(cfg, auto: bool = False) -> list[str]:
     """Problems with lora.target_modules / lora.r, found by injecting the LoRA config with peft's own matching
-    rules into a weightless meta-device skeleton of the model; the model's Linear names are listed."""
+    rules into a weightless meta-device skeleton of the model; the model's Linear names are listed. `auto`:
+    lora.r=auto, checked at lora.r_max."""
     from dataclasses import replace
 
     from peft import inject_adapter_in_model
@@ -137,6 +138,10 @@ def check_targets(cfg) -> list[str]:
         tensors = sorted({n.split(".", 3)[-1] for n, p in skeleton.named_parameters() if p.ndim == 3})
         return [f"lora.target_parameters: {', '.join(map(repr, unmatched))} match no parameter of {cfg.model.name}; "
                 f"its 3-D (expert) parameters: {', '.join(tensors) or 'none'}"]
+    if auto and wrapped:  # autorank's shrink is an SVD of one B·A; an expert tensor's factors hold one pair per expert
+        return [f"lora.r=auto shrinks 2-D adapters, and lora.target_modules={tm!r} puts LoRA on {cfg.model.name}'s "
+                f"MoE expert tensors ({wrapped[0].split('.', 3)[-1]}, ...): set an integer lora.r (and lora.r_expert), "
+                "or leave the experts out of the targets"]
     # peft's all-linear lists a head's own Linears (RoBERTa's classifier.out_proj), but a head in modules_to_save
     # trains in full and gets no LoRA: its sizes do not bound lora.r
     heads = tuple(config.modules_to_save or ())

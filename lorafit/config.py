@@ -504,6 +504,7 @@ def validate(cfg) -> None:
 
         from omegaconf import OmegaConf
 
-        errors += check_targets(OmegaConf.merge(cfg, {"lora": {"r": lo.r_max}}) if lo.r == "auto" else cfg)
+        errors += check_targets(OmegaConf.merge(cfg, {"lora": {"r": lo.r_max}}), auto=True) if lo.r == "auto" \
+            else check_targets(cfg)
     if errors:
         raise UserError("invalid config:\n  - " + "\n  - ".join(errors))

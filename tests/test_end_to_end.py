@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import run_cli
@@ -69,3 +70,13 @@ def test_smollm2_causal_lm_runs_merges_and_exports_gguf(tmp_path):
     assert summary["merge"]["max_abs_diff_merged_vs_unmerged"] < 1e-3
     assert summary["merge"]["gguf"]["tokenizer_pre"] == "smollm"  # llama.cpp's name for SmolLM's pre-tokenizer
     assert gguf_matches_merged(tmp_path / "merged", "f16") <= 1e-2  # transformers reads the file back
+    # ... and llama.cpp itself runs it: its own tokens, the merged model's logits
+    from test_gguf_llama_cpp import TEXT, llama_cpp_logits
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(tmp_path / "merged")(TEXT)["input_ids"]
+    got, own, _ = llama_cpp_logits(tmp_path / "merged" / "model-f16.gguf", ids)
+    assert own == ids
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)(torch.tensor([ids]))
+    assert np.abs(got - ref.logits[0].numpy()).max() / np.abs(ref.logits[0].numpy()).max() <= 1e-2
