@@ -119,7 +119,8 @@ def check_targets(cfg, auto: bool = False) -> list[str]:
         return [str(e)]
     linears = linear_modules(skeleton)
     names = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in linears if not n.startswith(HEAD_NAMES)}))
-    config = replace(peft_config(cfg, skeleton), init_lora_weights=False)  # PiSSA's SVD can't run on weightless tensors
+    # PiSSA's SVD can't run on weightless tensors; dropout on expert tensors is peft's ValueError, checked below
+    config = replace(peft_config(cfg, skeleton), init_lora_weights=False, lora_dropout=0.0)
     tm = cfg.lora.target_modules
     if not isinstance(tm, str):  # peft needs only one name of a list to match; each one should
         missing = [t for t in tm if not any(check_target_module_exists(replace(config, target_modules=[t]), n)
@@ -138,6 +139,9 @@ def check_targets(cfg, auto: bool = False) -> list[str]:
         tensors = sorted({n.split(".", 3)[-1] for n, p in skeleton.named_parameters() if p.ndim == 3})
         return [f"lora.target_parameters: {', '.join(map(repr, unmatched))} match no parameter of {cfg.model.name}; "
                 f"its 3-D (expert) parameters: {', '.join(tensors) or 'none'}"]
+    if wrapped and cfg.lora.dropout:
+        return [f"lora.dropout={cfg.lora.dropout}: peft trains MoE expert tensors ({wrapped[0].split('.', 3)[-1]}, ...) "
+                "without dropout; set lora.dropout=0, or leave the experts out of the targets"]
     if auto and wrapped:  # autorank's shrink is an SVD of one B·A; an expert tensor's factors hold one pair per expert
         return [f"lora.r=auto shrinks 2-D adapters, and lora.target_modules={tm!r} puts LoRA on {cfg.model.name}'s "
                 f"MoE expert tensors ({wrapped[0].split('.', 3)[-1]}, ...): set an integer lora.r (and lora.r_expert), "

@@ -201,11 +201,14 @@ def test_moe_without_expert_targets_says_so(sft_files, tmp_path):
     assert {p.name for p in (tmp_path / "b").iterdir()} <= {".hydra", "__main__.log"}
 
 
-def test_rank_auto_on_moe_experts_is_refused_in_one_line(sft_files, tmp_path):
+def test_rank_auto_or_dropout_on_moe_experts_is_refused_in_one_line(sft_files, tmp_path):
     """lora.r=auto shrinks each adapter by one SVD of B·A; an expert tensor's factors hold one pair per expert, so
-    that SVD would mix experts: refused before the model loads, naming the fix."""
+    that SVD would mix experts: refused before the model loads, naming the fix. So is dropout on experts (peft has
+    none there), in its own words, not as "matches no Linear module"."""
     out = run_cli(*_args("tiny-qwen3-moe", sft_files), "lora.r=auto", "lora.r_max=8", "train.max_steps=1",
                   f"hydra.run.dir={tmp_path}")
     assert out.returncode == 2, out.stderr[-3000:]
     assert "lora.r=auto shrinks 2-D adapters" in out.stderr and "set an integer lora.r" in out.stderr
     assert "Traceback" not in out.stderr
+    out = run_cli(*_args("tiny-qwen3-moe", sft_files), "lora.dropout=0.1", f"hydra.run.dir={tmp_path}")
+    assert out.returncode == 2 and "lora.dropout=0.1: peft trains MoE expert tensors" in out.stderr, out.stderr[-2000:]
