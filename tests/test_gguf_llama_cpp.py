@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import CLS_EVAL, CLS_TRAIN, run_inprocess
+from conftest import CLS_EVAL, CLS_TRAIN, run_cli, run_inprocess
 
 FAMILIES = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma2", "tiny-gemma3", "tiny-phi3"]
 # q8_0: llama.cpp quantizes the activations to 8 bits too (its q8_0 x q8_0 dot products), not just the weights;
@@ -96,7 +96,6 @@ def test_gguf_refuses_an_moe_in_one_line(tmp_path):
 def test_llama_cpp_applies_the_gguf_lora_over_the_base_gguf(name, merged_dirs, tmp_path):
     """`lorafit.export RUN` and `lorafit.export BASE_DIR`: llama.cpp with `--lora` gives the merged model's logits,
     and the adapter moves them by more than the bound (it is applied, not ignored)."""
-    from llama_cpp import Llama
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lorafit import export
@@ -110,13 +109,7 @@ def test_llama_cpp_applies_the_gguf_lora_over_the_base_gguf(name, merged_dirs, t
     with torch.no_grad():
         ref = AutoModelForCausalLM.from_pretrained(merged).eval()(torch.tensor([ids])).logits[0].numpy()
     base, _, _ = llama_cpp_logits(tmp_path / "base.gguf", ids)
-    llm = Llama(str(tmp_path / "base.gguf"), lora_path=str(tmp_path / "adapter.gguf"), logits_all=True, n_ctx=256,
-                n_threads=2, verbose=False)
-    try:
-        llm.eval(ids)
-        got = np.array(llm.scores[: len(ids)])
-    finally:
-        llm.close()
+    got = _llama_cpp_lora_logits(tmp_path / "base.gguf", tmp_path / "adapter.gguf", ids)
     scale = np.abs(ref).max()
     assert np.abs(base - ref).max() / scale > 5 * BOUNDS["f16"]
     assert np.abs(got - ref).max() / scale <= BOUNDS["f16"]
@@ -145,3 +138,53 @@ def test_gguf_lora_refuses_what_llama_cpp_cannot_apply(tmp_path, capsys):
         export.main([str(run_dir), "--out", str(tmp_path / "a.gguf")])
     assert "score" in capsys.readouterr().err.splitlines()[-1]  # the head it would drop
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def _llama_cpp_lora_logits(base, adapter, ids: list[int]) -> np.ndarray:
+    from llama_cpp import Llama
+
+    llm = Llama(str(base), lora_path=str(adapter), logits_all=True, n_ctx=256, n_threads=2, verbose=False)
+    try:
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)])
+    finally:
+        llm.close()
+
+
+@pytest.mark.slow
+def test_a_gguf_base_trains_end_to_end_to_gguf(tmp_path):
+    """model.name=FILE.gguf, as a user's downloaded Qwen2 GGUF is: transformers' reader converts it once (into the
+    cache), SFT trains on it, the merge is verified and written as GGUF, and llama.cpp runs that file as the merged
+    model, and the run's GGUF LoRA over the user's own base file as well. A GGUF the reader gets wrong is refused."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorafit import export
+    from lorafit.models import resolve
+
+    base = tmp_path / "qwen2-base-f16.gguf"
+    export.main([resolve("tiny-qwen2"), "--out", str(base)])
+    cache, run = {"LORAFIT_CACHE": str(tmp_path / "cache")}, tmp_path / "run"
+    out = run_cli("model=tiny-qwen2", f"model.name={base}", "train.mixed_precision=no", "data=files",
+                  f"data.train_file={CLS_TRAIN}", f"data.eval_file={CLS_EVAL}", "data.max_length=48",
+                  "lora.target_modules=all-linear", "train.lr=1e-2", "train.max_steps=4", "train.eval_every=0",
+                  "hooks=[save_adapter,merge]", "hooks.merge.gguf=f16", f"hydra.run.dir={run}", env=cache)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(list((tmp_path / "cache" / "models").glob("gguf-qwen2-base-f16-*/model.safetensors"))) == 1
+    merged = run / "merged"
+    ids = AutoTokenizer.from_pretrained(merged)(TEXT)["input_ids"]
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(merged).eval()(torch.tensor([ids])).logits[0].numpy()
+    got, own, meta = llama_cpp_logits(merged / "model-f16.gguf", ids)
+    assert own == ids and meta["general.architecture"] == "qwen2"
+    assert np.abs(got - ref).max() / np.abs(ref).max() <= BOUNDS["f16"]
+    export.main([str(run), "--out", str(tmp_path / "adapter.gguf")])
+    got = _llama_cpp_lora_logits(base, tmp_path / "adapter.gguf", ids)
+    assert np.abs(got - ref).max() / np.abs(ref).max() <= BOUNDS["f16"]
+
+    gemma = tmp_path / "gemma2.gguf"
+    export.main([resolve("tiny-gemma2"), "--out", str(gemma)])
+    out = run_cli("model=tiny-gemma2", f"model.name={gemma}", "train.max_steps=1", f"hydra.run.dir={tmp_path / 'g'}",
+                  env=cache)
+    assert out.returncode == 2 and "architecture 'gemma2', which transformers' GGUF reader does not load exactly" \
+        in out.stderr.strip().splitlines()[-1], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
