@@ -4,13 +4,15 @@ over the base's own GGUF (`python -m lorafit.export RUN --out adapter.gguf`).
 
 Written with the `gguf` package (llama.cpp's own writer and tensor-name map), the way llama.cpp's converters
 (convert_hf_to_gguf.py, convert_lora_to_gguf.py) write these families: Llama and Mistral (llama.cpp's "llama"
-architecture) with q/k permuted to its rotary layout; Qwen2 (q/k/v biases), Qwen3 (q/k RMSNorms), Gemma 2 and 3 (norms
-stored as 1 + w, soft-capping, the sliding-window layer pattern) and Phi-3 (fused qkv and gate_up) in HF's layout;
+architecture) with q/k permuted to its rotary layout; Qwen2 (q/k/v biases), Qwen3 (q/k RMSNorms), Qwen3-MoE (experts
+stacked per projection, the router in fp32), Gemma 2 and 3 (norms stored as 1 + w, soft-capping, the sliding-window
+layer pattern) and Phi-3 (fused qkv and gate_up) in HF's layout;
 norms in fp32, a tied lm_head left out (llama.cpp then reuses the token embeddings), the byte-level BPE vocab with
 merges, special ids and the chat template. tests/test_gguf_llama_cpp.py runs every family's files in llama.cpp itself
 (llama-cpp-python) against the merged HF model: tokens, logits (f16, q8_0, base + LoRA) and the chat template. Only
 what has been run is accepted: these families with default RoPE and a byte-level BPE tokenizer whose pre-tokenizer
-llama.cpp is known to share; anything else (MoE, SentencePiece vocabs, RoPE scaling) is refused in one line.
+llama.cpp is known to share; anything else (other MoEs, SentencePiece vocabs, RoPE scaling) is refused in one line.
+A GGUF LoRA carries Linear layers' factors only: an adapter on MoE experts is merged instead.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from lorafit.cli import quiet_libraries, user_errors_as_one_line
 from lorafit.errors import UserError
 
 GGUF_TYPES = ("f16", "q8_0")  # config.GgufType
-GGUF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")  # model_type (see _archs)
+GGUF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma2", "gemma3_text", "phi3")  # see _archs
 GEMMAS = ("gemma2", "gemma3_text")
 
 # llama.cpp picks its pre-tokenizer regex by `tokenizer.ggml.pre`, which its converter finds by hashing the token ids
@@ -96,26 +98,29 @@ def to_gguf(model_dir: Path, qtype: str = "f16", out_file: Path | None = None) -
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise UserError(f"--gguf: no safetensors weights in {model_dir}")
-    counts = {}
+    counts, experts = {}, {}
     for f in files:
         with safe_open(f, "pt") as h:
-            for key in h.keys():  # noqa: SIM118 (safe_open is no dict)
+            for key, w in _stacked_experts(h, config, experts):
                 if key == "lm_head.weight" and config.tie_word_embeddings:
                     continue
                 name = names.get_name(key, try_suffixes=(".weight", ".bias"))
                 if name is None:
                     raise UserError(f"--gguf: tensor {key!r} of {f.name} has no llama.cpp name; not a plain "
                                     f"{config.model_type}")
-                w = h.get_tensor(key).float()
+                w = w.float()
                 if config.model_type in GEMMAS and key.endswith("norm.weight"):
                     w = w + 1  # Gemma's RMSNorm scales by (1 + w); llama.cpp's by w
                 if permute and key.endswith(("q_proj.weight", "q_proj.bias")):
                     w = _permute(w, n_head)
                 elif permute and key.endswith(("k_proj.weight", "k_proj.bias")):
                     w = _permute(w, n_kv)
-                data, kind = _encode(w, qt, gguf)
+                # the router stays fp32, as llama.cpp's converter keeps it (a rounded logit can flip the top-k)
+                data, kind = _encode(w, gguf.GGMLQuantizationType.F32 if key.endswith("mlp.gate.weight") else qt, gguf)
                 writer.add_tensor(name, data, raw_dtype=kind)
                 counts[kind.name] = counts.get(kind.name, 0) + 1
+    if experts:
+        raise UserError(f"--gguf: {model_dir} lacks some experts' weights (e.g. {next(iter(experts))})")
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -132,7 +137,7 @@ def _archs():
     # model_type: (llama.cpp architecture, whether q/k are permuted to its rotary layout), as convert_hf_to_gguf.py
     # maps them (MistralForCausalLM is its LlamaModel; the others keep HF's layout: NEOX rope in llama.cpp).
     return dict(zip(GGUF_FAMILIES, [(A.LLAMA, True), (A.LLAMA, True), (A.QWEN2, False), (A.QWEN3, False),
-                                    (A.GEMMA2, False), (A.GEMMA3, False), (A.PHI3, False)]))
+                                    (A.QWEN3MOE, False), (A.GEMMA2, False), (A.GEMMA3, False), (A.PHI3, False)]))
 
 
 def _family_keys(writer, config, model_dir: Path, head_dim: int) -> None:
@@ -157,6 +162,14 @@ def _family_keys(writer, config, model_dir: Path, head_dim: int) -> None:
     elif kind == "phi3":
         writer.add_rope_scaling_orig_ctx_len(config.original_max_position_embeddings)
         writer.add_sliding_window(window or 0)
+    elif kind == "qwen3_moe":  # conversion/qwen.py, Qwen2MoeModel; llama.cpp's qwen3moe graph: every layer routed,
+        if not config.norm_topk_prob:  # the top-k weights renormalized (build_moe_ffn(..., norm_w=true, ...))
+            raise refuse("does not renormalize its top-k routing weights (norm_topk_prob false)")
+        if config.decoder_sparse_step != 1 or config.mlp_only_layers:
+            raise refuse("has dense MLP layers among its MoE layers")
+        writer.add_expert_count(config.num_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
     elif window:
         raise refuse(f"uses sliding-window attention ({window})")
 
@@ -168,6 +181,29 @@ def _name(name: str, vocab: dict) -> str:
     if re.search("phi-?3", name, re.I) and not {"</s>", "<unk>", "<s>", "<|endoftext|>"} <= vocab.keys():
         return re.sub("phi-?3", "phi", name, flags=re.I)
     return name
+
+
+EXPERT_KEY = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+
+
+def _stacked_experts(h, config, pending: dict):
+    """(key, tensor) of a checkpoint file, an MoE layer's experts as one 3-D tensor per projection
+    (`...mlp.experts.gate_proj.weight`: experts × out × in), as llama.cpp's converter stacks them. A checkpoint keeps
+    each expert apart (transformers 5 splits its fused experts on save); a fused gate_up_proj is split in two."""
+    for key in h.keys():  # noqa: SIM118 (safe_open is no dict)
+        m = EXPERT_KEY.fullmatch(key)
+        if m is None and key.endswith("mlp.experts.gate_up_proj"):  # experts × 2·ff × hidden, gate rows first
+            w = h.get_tensor(key)
+            yield f"{key[:-len('gate_up_proj')]}gate_proj.weight", w[:, : w.shape[1] // 2]
+            yield f"{key[:-len('gate_up_proj')]}up_proj.weight", w[:, w.shape[1] // 2:]
+        elif m is None:
+            yield (f"{key}.weight" if key.endswith("mlp.experts.down_proj") else key), h.get_tensor(key)
+        else:
+            layer = pending.setdefault((m[1], m[3]), {})
+            layer[int(m[2])] = h.get_tensor(key)
+            if len(layer) == config.num_experts:
+                del pending[(m[1], m[3])]
+                yield f"{m[1]}.{m[3]}.weight", torch.stack([layer[e] for e in range(config.num_experts)])
 
 
 def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:

@@ -168,7 +168,7 @@ TINY_FAMILIES = {
     "tiny-qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "llama", dict(_DECODER, head_dim=16)),  # q/k RMSNorms
     "tiny-qwen3-moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", "llama",  # experts: fused 3-D parameters
                        dict(_DECODER, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                            tie_word_embeddings=False)),
+                            norm_topk_prob=True, tie_word_embeddings=False)),  # renormalized top-k, as Qwen3-30B-A3B
     "tiny-gemma2": ("Gemma2Config", "Gemma2ForCausalLM", "llama",  # norms (1 + w), logit soft-capping
                     dict(_DECODER, head_dim=16, query_pre_attn_scalar=16, sliding_window=16,
                          attn_logit_softcapping=50.0, final_logit_softcapping=30.0)),

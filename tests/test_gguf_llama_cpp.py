@@ -13,7 +13,8 @@ import pytest
 import torch
 from conftest import CLS_EVAL, CLS_TRAIN, run_cli, run_inprocess
 
-FAMILIES = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma2", "tiny-gemma3", "tiny-phi3"]
+LORA_FAMILIES = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma2", "tiny-gemma3", "tiny-phi3"]
+FAMILIES = LORA_FAMILIES + ["tiny-qwen3-moe"]  # a GGUF LoRA carries Linear factors only: an MoE's adapter is merged
 # q8_0: llama.cpp quantizes the activations to 8 bits too (its q8_0 x q8_0 dot products), not just the weights;
 # measured 2026-12-04 on the tiny families (64 tokens): q8_0 2.0-4.3% (Qwen2 the most), f16 0.07-0.16%.
 BOUNDS = {"f16": 1e-2, "q8_0": 6e-2}
@@ -74,7 +75,11 @@ def test_llama_cpp_runs_the_gguf_as_the_merged_model(name, qtype, merged_dirs):
     assert own == ids  # llama.cpp's tokenizer: the same ids, BOS included
     with torch.no_grad():
         ref = AutoModelForCausalLM.from_pretrained(merged).eval()(torch.tensor([ids])).logits[0].numpy()
-    assert np.abs(got - ref).max() / np.abs(ref).max() <= BOUNDS[qtype]
+    err = np.abs(got - ref).max(axis=1) / np.abs(ref).max()  # per position
+    if name == "tiny-qwen3-moe" and qtype == "q8_0":  # on the untrained base: 0.149 at 1 of 38 positions, <= 0.045 elsewhere; merged: 0.015
+        assert np.median(err) <= BOUNDS[qtype] / 2 and (err > BOUNDS[qtype]).mean() <= 0.1  # a top-k routing flip
+    else:
+        assert err.max() <= BOUNDS[qtype]
     messages = [{"role": "user", "content": "Which topic?"}, {"role": "assistant", "content": "sport"},
                 {"role": "user", "content": "And this one?"}]
     rendered = Jinja2ChatFormatter(meta["tokenizer.chat_template"], eos_token=tok.eos_token, bos_token=tok.bos_token)
@@ -82,17 +87,31 @@ def test_llama_cpp_runs_the_gguf_as_the_merged_model(name, qtype, merged_dirs):
                                                                          add_generation_prompt=True)
 
 
-def test_gguf_refuses_an_moe_in_one_line(tmp_path):
+@pytest.mark.slow
+def test_gguf_refuses_an_moe_llama_cpp_would_route_otherwise(tmp_path, merged_dirs, capsys):
+    """llama.cpp's qwen3moe graph renormalizes the top-k routing weights: a Qwen3-MoE that does not is refused, as
+    is a GGUF LoRA of an adapter on the experts (llama.cpp's --lora applies Linear factors here)."""
+    import json
+    import shutil
+
+    from lorafit import export
     from lorafit.errors import UserError
     from lorafit.export import to_gguf
     from lorafit.models import resolve
 
-    with pytest.raises(UserError, match="'qwen3_moe'.*convert_hf_to_gguf.py"):
-        to_gguf(resolve("tiny-qwen3-moe"))
+    shutil.copytree(resolve("tiny-qwen3-moe"), tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "norm_topk_prob": False}))
+    with pytest.raises(UserError, match="norm_topk_prob false.*convert_hf_to_gguf.py"):
+        to_gguf(tmp_path / "m")
+    assert not list((tmp_path / "m").glob("*.gguf")) and not list((tmp_path / "m").glob(".*.tmp"))
+    with pytest.raises(SystemExit):
+        export.main([str(merged_dirs("tiny-qwen3-moe").parent), "--out", str(tmp_path / "a.gguf")])
+    assert "experts" in capsys.readouterr().err.splitlines()[-1] and not (tmp_path / "a.gguf").exists()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", LORA_FAMILIES)
 def test_llama_cpp_applies_the_gguf_lora_over_the_base_gguf(name, merged_dirs, tmp_path):
     """`lorafit.export RUN` and `lorafit.export BASE_DIR`: llama.cpp with `--lora` gives the merged model's logits,
     and the adapter moves them by more than the bound (it is applied, not ignored)."""
