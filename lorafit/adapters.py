@@ -33,14 +33,15 @@ def peft_config(cfg, model=None):
     lo = cfg.lora
     target = lo.target_modules if isinstance(lo.target_modules, str) else list(lo.target_modules)
     to_save = list(lo.modules_to_save or []) + (head_modules(model) if model is not None and cfg.model.task == "seq_cls" else [])
+    expert_ranks, expert_alphas = _expert_ranks(lo)
     return LoraConfig(
         r=lo.r_max if lo.r == "auto" else lo.r,  # auto trains at r_max until its shrink (autorank.py)
         lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=target,
         task_type=TaskType.SEQ_CLS if cfg.model.task == "seq_cls" else TaskType.CAUSAL_LM,
         modules_to_save=list(dict.fromkeys(to_save)) or None,
         use_rslora=lo.use_rslora, use_dora=lo.use_dora, init_lora_weights=PEFT_INIT[lo.init],
-        rank_pattern={**(OmegaConf.to_container(lo.rank_pattern) if lo.rank_pattern else {}), **_expert_ranks(lo)[0]},
-        alpha_pattern={**(OmegaConf.to_container(lo.alpha_pattern) if lo.alpha_pattern else {}), **_expert_ranks(lo)[1]},
+        rank_pattern={**(OmegaConf.to_container(lo.rank_pattern) if lo.rank_pattern else {}), **expert_ranks},
+        alpha_pattern={**(OmegaConf.to_container(lo.alpha_pattern) if lo.alpha_pattern else {}), **expert_alphas},
         target_parameters=list(lo.target_parameters) if lo.target_parameters else None,
     )
 
